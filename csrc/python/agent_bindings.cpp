@@ -1,0 +1,5 @@
+#include <torch/extension.h>
+
+namespace torchrpc {
+void initAgentBindings(pybind11::module_& m) {}
+}  // namespace torchrpc

@@ -1,0 +1,358 @@
+#include "wire/frame.h"
+
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/Storage.h>
+#include <ATen/ops/empty.h>
+
+#include <cstring>
+#include <unordered_map>
+
+#include "wire/byte_io.h"
+
+namespace torchrpc {
+namespace {
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the wire format is little-endian");
+
+// CRC-32C (Castagnoli), table-driven. It covers the header and the small
+// metadata sections only; tensor bytes are left to TCP's own checksum.
+uint32_t crc32c(uint32_t crc, const char* data, size_t n) {
+  static const auto table = [] {
+    std::array<uint32_t, 256> t{};
+    for (uint32_t i = 0; i < 256; ++i) {
+      uint32_t c = i;
+      for (int k = 0; k < 8; ++k) c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+      t[i] = c;
+    }
+    return t;
+  }();
+  crc = ~crc;
+  for (size_t i = 0; i < n; ++i) crc = table[(crc ^ static_cast<uint8_t>(data[i])) & 0xff] ^ (crc >> 8);
+  return ~crc;
+}
+
+struct Header {
+  uint16_t type;
+  int64_t id;
+  uint32_t payloadBytes;
+  uint32_t descriptorBytes;
+  uint32_t storageCount;
+  uint32_t tensorCount;
+  uint64_t storageBytes;
+  uint32_t checksum;
+};
+
+constexpr size_t kChecksumOffset = 40;
+
+void writeHeader(const Header& h, char* out) {
+  std::string s;
+  Writer w(s);
+  w.u32(kFrameMagic);
+  w.u8(kFrameVersion);
+  w.u8(0);  // flags, reserved
+  w.u16(h.type);
+  w.i64(h.id);
+  w.u32(h.payloadBytes);
+  w.u32(h.descriptorBytes);
+  w.u32(h.storageCount);
+  w.u32(h.tensorCount);
+  w.u64(h.storageBytes);
+  w.u32(h.checksum);
+  w.u32(0);  // reserved
+  std::memcpy(out, s.data(), kFrameHeaderBytes);
+}
+
+Header parseHeader(const char* bytes, const FrameLimits& limits) {
+  Reader r(bytes, kFrameHeaderBytes);
+  uint32_t magic = r.u32();
+  if (magic != kFrameMagic) throwDecode("bad magic 0x" + c10::str(std::hex, magic));
+  uint8_t version = r.u8();
+  if (version != kFrameVersion) throwDecode("unsupported version " + std::to_string(version));
+  r.u8();
+  Header h;
+  h.type = r.u16();
+  if (!isKnownMessageType(h.type)) throwDecode("unknown message type " + std::to_string(h.type));
+  h.id = r.i64();
+  h.payloadBytes = r.u32();
+  h.descriptorBytes = r.u32();
+  h.storageCount = r.u32();
+  h.tensorCount = r.u32();
+  h.storageBytes = r.u64();
+  h.checksum = r.u32();
+  if (static_cast<uint64_t>(h.payloadBytes) + h.descriptorBytes > limits.maxPayloadBytes) {
+    throwDecode("payload of " + std::to_string(h.payloadBytes + uint64_t{h.descriptorBytes}) +
+                " bytes exceeds the limit of " + std::to_string(limits.maxPayloadBytes));
+  }
+  if (h.tensorCount > limits.maxTensors) {
+    throwDecode(std::to_string(h.tensorCount) + " tensors exceed the limit of " +
+                std::to_string(limits.maxTensors));
+  }
+  if (h.storageCount > h.tensorCount) throwDecode("more storages than tensors");
+  if (h.storageBytes > limits.maxStorageBytes) {
+    throwDecode("tensor data of " + std::to_string(h.storageBytes) +
+                " bytes exceeds the limit of " + std::to_string(limits.maxStorageBytes));
+  }
+  return h;
+}
+
+bool sendableDtype(c10::ScalarType t) {
+  switch (t) {
+    case c10::kBool: case c10::kByte: case c10::kChar: case c10::kShort: case c10::kInt:
+    case c10::kLong: case c10::kHalf: case c10::kBFloat16: case c10::kFloat: case c10::kDouble:
+    case c10::kComplexHalf: case c10::kComplexFloat: case c10::kComplexDouble:
+    case c10::kUInt16: case c10::kUInt32: case c10::kUInt64:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// Byte extent [start, end) a strided view touches in its storage.
+std::pair<uint64_t, uint64_t> viewExtent(const at::Tensor& t) {
+  uint64_t item = t.element_size();
+  uint64_t start = static_cast<uint64_t>(t.storage_offset()) * item;
+  if (t.numel() == 0) return {start, start};
+  uint64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last += static_cast<uint64_t>(t.size(d) - 1) * t.stride(d);
+  return {start, start + (last + 1) * item};
+}
+
+// Descriptors are sent with 16-byte-aligned storage slices, so every element
+// offset within a slice stays a multiple of every dtype's size.
+constexpr uint64_t kSliceAlign = 16;
+
+}  // namespace
+
+EncodedFrame encodeFrame(const Message& m) {
+  EncodedFrame f;
+  struct Slice {
+    const char* base;
+    uint64_t start, end;
+  };
+  std::vector<Slice> slices;
+  std::vector<uint32_t> sliceOf(m.tensors.size());
+  std::unordered_map<const c10::StorageImpl*, uint32_t> byStorage;
+
+  for (size_t i = 0; i < m.tensors.size(); ++i) {
+    const at::Tensor& t = m.tensors[i];
+    if (!t.defined()) throw RpcError(ErrorKind::kArgument, "torchrpc: cannot send an undefined tensor");
+    if (!t.device().is_cpu() || t.layout() != c10::kStrided || t.is_quantized()) {
+      throw RpcError(ErrorKind::kArgument, "torchrpc: only dense CPU tensors can be sent, got " +
+                                               t.toString() + " on " + t.device().str());
+    }
+    if (t.is_conj() || t.is_neg()) {
+      throw RpcError(ErrorKind::kArgument,
+                     "torchrpc: resolve conjugate/negative views (resolve_conj()) before sending");
+    }
+    if (!sendableDtype(t.scalar_type())) {
+      throw RpcError(ErrorKind::kArgument, std::string("torchrpc: cannot send dtype ") +
+                                               c10::toString(t.scalar_type()));
+    }
+    auto [start, end] = viewExtent(t);
+    const c10::StorageImpl* key = t.storage().unsafeGetStorageImpl();
+    auto [it, fresh] = byStorage.emplace(key, static_cast<uint32_t>(slices.size()));
+    if (fresh) {
+      slices.push_back({static_cast<const char*>(t.storage().data()), start, end});
+    } else if (end > start) {
+      Slice& s = slices[it->second];
+      if (s.end == s.start) {
+        s.start = start;
+        s.end = end;
+      } else {
+        s.start = std::min(s.start, start);
+        s.end = std::max(s.end, end);
+      }
+    }
+    sliceOf[i] = it->second;
+  }
+
+  Writer d(f.descriptors);
+  uint64_t storageBytes = 0;
+  for (Slice& s : slices) {
+    s.start -= s.start % kSliceAlign;
+    d.u64(s.end - s.start);
+    storageBytes += s.end - s.start;
+  }
+  for (size_t i = 0; i < m.tensors.size(); ++i) {
+    const at::Tensor& t = m.tensors[i];
+    const Slice& s = slices[sliceOf[i]];
+    uint64_t start = viewExtent(t).first;
+    d.u32(sliceOf[i]);
+    d.u8(static_cast<uint8_t>(t.scalar_type()));
+    d.u8(static_cast<uint8_t>(t.dim()));
+    d.u8(t.requires_grad() ? 1 : 0);
+    d.u8(0);
+    d.u64(t.numel() == 0 || start < s.start ? 0 : start - s.start);
+    for (int64_t k = 0; k < t.dim(); ++k) d.i64(t.size(k));
+    for (int64_t k = 0; k < t.dim(); ++k) d.i64(t.stride(k));
+  }
+
+  Header h{static_cast<uint16_t>(m.type), m.id, Writer::checkedLength(m.payload.size()),
+           Writer::checkedLength(f.descriptors.size()), static_cast<uint32_t>(slices.size()),
+           Writer::checkedLength(m.tensors.size()), storageBytes, 0};
+  writeHeader(h, f.header.data());
+  uint32_t crc = crc32c(0, f.header.data(), kFrameHeaderBytes);
+  crc = crc32c(crc, m.payload.data(), m.payload.size());
+  crc = crc32c(crc, f.descriptors.data(), f.descriptors.size());
+  std::memcpy(f.header.data() + kChecksumOffset, &crc, 4);
+
+  f.chunks.reserve(3 + slices.size());
+  f.chunks.push_back({f.header.data(), kFrameHeaderBytes});
+  f.chunks.push_back({m.payload.data(), m.payload.size()});
+  f.chunks.push_back({f.descriptors.data(), f.descriptors.size()});
+  for (const Slice& s : slices) {
+    if (s.end > s.start) f.chunks.push_back({s.base + s.start, s.end - s.start});
+  }
+  f.totalBytes = kFrameHeaderBytes + m.payload.size() + f.descriptors.size() + storageBytes;
+  return f;
+}
+
+Message readFrame(ByteSource& src, const FrameLimits& limits) {
+  std::array<char, kFrameHeaderBytes> headerBytes;
+  src.readExact(headerBytes.data(), kFrameHeaderBytes);
+  Header h = parseHeader(headerBytes.data(), limits);
+
+  Message m;
+  m.type = static_cast<MessageType>(h.type);
+  m.id = h.id;
+  m.payload.resize(h.payloadBytes);
+  std::string descriptors(h.descriptorBytes, '\0');
+  src.readExact(m.payload.data(), h.payloadBytes);
+  src.readExact(descriptors.data(), h.descriptorBytes);
+
+  std::memset(headerBytes.data() + kChecksumOffset, 0, 4);
+  uint32_t crc = crc32c(0, headerBytes.data(), kFrameHeaderBytes);
+  crc = crc32c(crc, m.payload.data(), m.payload.size());
+  crc = crc32c(crc, descriptors.data(), descriptors.size());
+  if (crc != h.checksum) throwDecode("checksum mismatch (header, payload or descriptors corrupt)");
+
+  Reader d(descriptors.data(), descriptors.size());
+  std::vector<uint64_t> sliceBytes(h.storageCount);
+  uint64_t total = 0;
+  for (auto& n : sliceBytes) {
+    n = d.u64();
+    if (n > h.storageBytes - total) throwDecode("storage sizes exceed the header's total");
+    total += n;
+  }
+  if (total != h.storageBytes) throwDecode("storage sizes do not add up to the header's total");
+  if (total > src.remainingBound()) {
+    throwDecode("frame claims " + std::to_string(total) + " tensor bytes but only " +
+                std::to_string(src.remainingBound()) + " remain");
+  }
+
+  struct View {
+    uint32_t slice;
+    c10::ScalarType dtype;
+    bool requiresGrad;
+    uint64_t offsetBytes;
+    std::vector<int64_t> sizes, strides;
+  };
+  std::vector<View> views(h.tensorCount);
+  for (uint32_t i = 0; i < h.tensorCount; ++i) {
+    View& v = views[i];
+    v.slice = d.u32();
+    uint8_t dtype = d.u8();
+    uint8_t ndim = d.u8();
+    uint8_t flags = d.u8();
+    d.u8();
+    v.offsetBytes = d.u64();
+    if (v.slice >= h.storageCount) throwDecode("tensor " + std::to_string(i) + " names a missing storage");
+    if (dtype >= static_cast<uint8_t>(c10::ScalarType::NumOptions) ||
+        !sendableDtype(static_cast<c10::ScalarType>(dtype))) {
+      throwDecode("tensor " + std::to_string(i) + " has unknown dtype " + std::to_string(dtype));
+    }
+    v.dtype = static_cast<c10::ScalarType>(dtype);
+    if (ndim > limits.maxDims) throwDecode("tensor " + std::to_string(i) + " has " + std::to_string(ndim) + " dims");
+    if (flags > 1) throwDecode("tensor " + std::to_string(i) + " has unknown flags");
+    v.requiresGrad = flags == 1;
+    if (v.requiresGrad && !c10::isFloatingType(v.dtype) && !c10::isComplexType(v.dtype)) {
+      throwDecode("tensor " + std::to_string(i) + " of an integer dtype requires grad");
+    }
+    v.sizes.resize(ndim);
+    v.strides.resize(ndim);
+    for (auto& s : v.sizes) s = d.i64();
+    for (auto& s : v.strides) s = d.i64();
+    // The view must lie inside its slice: checked with overflow-safe math.
+    uint64_t item = c10::elementSize(v.dtype);
+    if (v.offsetBytes % item != 0) throwDecode("tensor " + std::to_string(i) + " is misaligned");
+    bool empty = false;
+    uint64_t last = 0;
+    for (uint8_t k = 0; k < ndim; ++k) {
+      if (v.sizes[k] < 0 || v.strides[k] < 0) throwDecode("tensor " + std::to_string(i) + " has a negative size or stride");
+      if (v.sizes[k] == 0) empty = true;
+    }
+    if (!empty) {
+      for (uint8_t k = 0; k < ndim; ++k) {
+        uint64_t step;
+        if (__builtin_mul_overflow(static_cast<uint64_t>(v.sizes[k] - 1), static_cast<uint64_t>(v.strides[k]), &step) ||
+            __builtin_add_overflow(last, step, &last)) {
+          throwDecode("tensor " + std::to_string(i) + " shape overflows");
+        }
+      }
+      uint64_t extent;
+      if (__builtin_add_overflow(last, 1, &extent) || __builtin_mul_overflow(extent, item, &extent) ||
+          __builtin_add_overflow(extent, v.offsetBytes, &extent) || extent > sliceBytes[v.slice]) {
+        throwDecode("tensor " + std::to_string(i) + " reaches past its storage");
+      }
+    } else if (v.offsetBytes > sliceBytes[v.slice]) {
+      throwDecode("tensor " + std::to_string(i) + " starts past its storage");
+    }
+  }
+  if (d.remaining() != 0) throwDecode("trailing bytes after tensor descriptors");
+
+  // Allocate each storage once at its final size and read its bytes straight in.
+  std::vector<c10::Storage> storages;
+  storages.reserve(h.storageCount);
+  for (uint64_t n : sliceBytes) {
+    c10::Storage s(c10::Storage::use_byte_size_t(), n, c10::GetDefaultCPUAllocator(), false);
+    if (n > 0) src.readExact(static_cast<char*>(s.mutable_data()), n);
+    storages.push_back(std::move(s));
+  }
+  m.tensors.reserve(h.tensorCount);
+  for (const View& v : views) {
+    at::Tensor t = at::empty({0}, at::TensorOptions().dtype(v.dtype));
+    t.set_(storages[v.slice], static_cast<int64_t>(v.offsetBytes / c10::elementSize(v.dtype)), v.sizes, v.strides);
+    if (v.requiresGrad) t.requires_grad_(true);
+    m.tensors.push_back(std::move(t));
+  }
+  return m;
+}
+
+namespace {
+class MemorySource : public ByteSource {
+ public:
+  MemorySource(const char* data, size_t size) : p_(data), end_(data + size), begin_(data) {}
+  void readExact(char* dst, size_t n) override {
+    if (n > static_cast<size_t>(end_ - p_)) {
+      throwDecode("truncated: needs " + std::to_string(n) + " bytes at offset " +
+                  std::to_string(p_ - begin_) + ", " + std::to_string(end_ - p_) + " remain");
+    }
+    std::memcpy(dst, p_, n);
+    p_ += n;
+  }
+  uint64_t remainingBound() const override { return static_cast<uint64_t>(end_ - p_); }
+  size_t remaining() const { return static_cast<size_t>(end_ - p_); }
+
+ private:
+  const char* p_;
+  const char* end_;
+  const char* begin_;
+};
+}  // namespace
+
+std::string frameToBytes(const Message& message) {
+  EncodedFrame f = encodeFrame(message);
+  std::string out;
+  out.reserve(f.totalBytes);
+  for (const auto& c : f.chunks) out.append(c.data, c.size);
+  return out;
+}
+
+Message frameFromBytes(const char* data, size_t size, const FrameLimits& limits) {
+  MemorySource src(data, size);
+  Message m = readFrame(src, limits);
+  if (src.remaining() != 0) throwDecode(std::to_string(src.remaining()) + " bytes after the frame");
+  return m;
+}
+
+}  // namespace torchrpc

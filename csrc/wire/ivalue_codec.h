@@ -1,0 +1,37 @@
+#pragma once
+
+// A bounded binary codec for TorchScript values (IValues) and their types.
+//
+// Why not torch::jit::pickle: unpickling corrupt input was seen reserving
+// ~20 GB from a 367-byte payload and throwing assorted std::exceptions. This
+// codec reads through Reader, so every length is checked against the bytes
+// actually left before anything is allocated, nesting depth is capped, and
+// every decoded container element is checked against the container's declared
+// type (a List[int] that holds a string would break TorchScript invariants).
+//
+// Tensors are not inlined: they are appended to a side table and referenced
+// by index, so the frame layer can send their bytes beside the payload.
+
+#include <ATen/core/ivalue.h>
+#include <ATen/core/jit_type.h>
+
+#include <vector>
+
+#include "wire/byte_io.h"
+
+namespace torchrpc {
+
+// Deepest nesting of containers (or types) the decoder accepts.
+constexpr int kMaxNesting = 64;
+
+void encodeIValue(const c10::IValue& value, Writer& out, std::vector<at::Tensor>& tensors);
+c10::IValue decodeIValue(Reader& in, const std::vector<at::Tensor>& tensors);
+
+void encodeType(const c10::TypePtr& type, Writer& out);
+c10::TypePtr decodeType(Reader& in);
+
+// True if `value` may stand where `type` is expected (TorchScript subtyping).
+// Cheap for the common scalar and tensor cases, which is why it exists.
+bool valueMatchesType(const c10::IValue& value, const c10::TypePtr& type);
+
+}  // namespace torchrpc

@@ -1,0 +1,36 @@
+"""Builds torchrpc._C from csrc/ with torch's cpp_extension (ninja).
+
+DEBUG=1 builds with -O0 -g; the default is -O2 -g0 so that a fresh build on a
+small machine stays quick.
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+
+def get_extensions():
+    debug = os.environ.get("DEBUG", "0") == "1"
+    flags = ["-O0", "-g"] if debug else ["-O2", "-g0"]
+    sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+    return [
+        CppExtension(
+            "torchrpc._C",
+            sources,
+            include_dirs=[os.path.abspath("csrc")],
+            extra_compile_args={"cxx": flags + ["-std=c++17", "-Wall", "-Wno-unused-parameter"]},
+        )
+    ]
+
+
+setup(
+    name="torchrpc",
+    version="0.1.0",
+    description="TorchScript-first RPC for PyTorch",
+    packages=find_packages(include=["torchrpc", "torchrpc.*", "scripted_ops", "scripted_ops.*"]),
+    ext_modules=get_extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.10",
+)
