@@ -1,5 +1,184 @@
+// Python bindings of the Agent. Argument stacks are built from Python values
+// under the GIL (checked against the schema there); everything after that,
+// encoding, sending, waiting, runs with the GIL released.
+
+#include <torch/csrc/jit/python/pybind_utils.h>
 #include <torch/extension.h>
 
+#include "agent/agent.h"
+#include "messages/control.h"
+#include "messages/python_call.h"
+
+namespace py = pybind11;
+
 namespace torchrpc {
-void initAgentBindings(pybind11::module_& m) {}
+namespace {
+
+using torch::jit::PythonFutureWrapper;
+
+// Waits (GIL released) when sync; returns the Python value, or a torch Future.
+py::object finish(const FuturePtr& fut, bool sync) {
+  if (!sync) return py::cast(std::make_shared<PythonFutureWrapper>(fut));
+  {
+    py::gil_scoped_release release;
+    fut->wait();
+  }
+  if (fut->hasError()) std::rethrow_exception(fut->exception_ptr());
+  return torch::jit::toPyObject(fut->value());
+}
+
+[[noreturn]] void badArguments(Agent& agent, int64_t to, const std::string& name, const std::exception& e) {
+  throw RpcError(ErrorKind::kArgument, "torchrpc: bad arguments for '" + name + "' on worker '" +
+                                           agent.worker(to).name + "': " + e.what());
+}
+
+py::object scriptCall(Agent& agent, int64_t to, const std::string& name, const c10::FunctionSchema& schema,
+                      const py::tuple& args, const py::dict& kwargs, double timeout, bool sync) {
+  torch::jit::Stack stack;
+  try {
+    stack = torch::jit::createStackForSchema(schema, args, py::reinterpret_borrow<py::kwargs>(kwargs),
+                                             std::nullopt);
+  } catch (const std::exception& e) {
+    badArguments(agent, to, name, e);
+  }
+  FuturePtr fut;
+  {
+    py::gil_scoped_release release;
+    fut = agent.scriptCall(to, name, std::move(stack), timeout);
+  }
+  return finish(fut, sync);
+}
+
+py::object builtinCall(Agent& agent, int64_t to, const std::string& opName, const py::tuple& args,
+                       const py::dict& kwargs, double timeout, bool sync) {
+  const auto& ops = torch::jit::getAllOperatorsFor(c10::Symbol::fromQualString(opName));
+  if (ops.empty()) throw RpcError(ErrorKind::kNotFound, "torchrpc: no builtin operator '" + opName + "'");
+  std::shared_ptr<torch::jit::Operator> op;
+  torch::jit::Stack stack;
+  try {
+    std::tie(op, stack) = torch::jit::getOpWithStack(ops, py::reinterpret_borrow<py::args>(args),
+                                                     py::reinterpret_borrow<py::kwargs>(kwargs));
+  } catch (const std::exception& e) {
+    badArguments(agent, to, opName, e);
+  }
+  const auto& schema = op->schema();
+  std::string name = schema.name() + (schema.overload_name().empty() ? "" : "." + schema.overload_name());
+  FuturePtr fut;
+  {
+    py::gil_scoped_release release;
+    fut = agent.scriptCall(to, std::move(name), std::move(stack), timeout);
+  }
+  return finish(fut, sync);
+}
+
+py::object pythonCall(Agent& agent, int64_t to, const std::string& what, at::Tensor pickled,
+                      std::vector<at::Tensor> tensors, double timeout, bool sync) {
+  FuturePtr fut;
+  {
+    py::gil_scoped_release release;
+    fut = agent.send(to, PythonCall(PickledValue{std::move(pickled), std::move(tensors)}).toMessage(),
+                     timeout, what);
+  }
+  return finish(fut, sync);
+}
+
+// A Python callable kept by C++ threads: released under the GIL.
+std::shared_ptr<py::object> keepPython(py::object fn) {
+  return std::shared_ptr<py::object>(new py::object(std::move(fn)), [](py::object* p) {
+    py::gil_scoped_acquire gil;
+    delete p;
+  });
+}
+
+// `handler(pickled, tensors)` returns ("ok", pickled, tensors) or
+// ("err", qualified class name, message, traceback).
+void setPythonHandler(Agent& agent, py::object handler) {
+  auto fn = keepPython(std::move(handler));
+  agent.setPythonCallHandler([fn](Message&& request) -> Message {
+    auto call = PythonCall::fromMessage(request);
+    py::gil_scoped_acquire gil;
+    py::tuple r = (*fn)(call->value().bytes, call->value().tensors);
+    if (r[0].cast<std::string>() == "ok") {
+      return PythonRet(PickledValue{r[1].cast<at::Tensor>(), r[2].cast<std::vector<at::Tensor>>()}).toMessage();
+    }
+    return RemoteException(r[1].cast<std::string>(), r[2].cast<std::string>(), r[3].cast<std::string>())
+        .toMessage();
+  });
+}
+
+// Functions a peer names but nobody registered are looked up, once, in the
+// Python compilation unit (where @torch.jit.script puts them).
+void installPythonResolver(Agent& agent) {
+  agent.registry().setResolver([](const std::string& name) -> std::shared_ptr<Callable> {
+    if (name.find("::") != std::string::npos) return nullptr;  // an operator name
+    py::gil_scoped_acquire gil;
+    try {
+      auto cu = torch::jit::get_python_cu();
+      if (auto* fn = cu->find_function(c10::QualifiedName(name))) return std::make_shared<Callable>(cu, fn);
+    } catch (const std::exception&) {
+    }
+    return nullptr;
+  });
+}
+
+}  // namespace
+
+void initAgentBindings(py::module_& m) {
+  py::class_<Agent, std::shared_ptr<Agent>>(m, "Agent", "One worker's RPC agent (see torchrpc.api).")
+      .def(py::init([](const std::string& name, int64_t id, int64_t numWorkerThreads, double rpcTimeout,
+                       bool pythonUdf, const std::string& listenHost, const std::string& advertisedHost) {
+             AgentOptions o;
+             o.numWorkerThreads = numWorkerThreads;
+             o.rpcTimeoutSeconds = rpcTimeout;
+             o.pythonUdf = pythonUdf;
+             o.listenHost = listenHost;
+             o.advertisedHost = advertisedHost;
+             auto agent = std::make_shared<Agent>(WorkerInfo{name, id, "", pythonUdf}, o);
+             installPythonResolver(*agent);
+             return agent;
+           }),
+           py::arg("name"), py::arg("id"), py::arg("num_worker_threads"), py::arg("rpc_timeout"),
+           py::arg("python_udf"), py::arg("listen_host"), py::arg("advertised_host"))
+      .def_property_readonly("address", &Agent::address)
+      .def("set_workers",
+           [](Agent& a, const std::vector<std::tuple<std::string, std::string, bool>>& ws) {
+             std::vector<WorkerInfo> infos;
+             for (size_t i = 0; i < ws.size(); ++i) {
+               infos.push_back({std::get<0>(ws[i]), static_cast<int64_t>(i), std::get<1>(ws[i]), std::get<2>(ws[i])});
+             }
+             a.setWorkers(std::move(infos));
+           })
+      .def("register_function",
+           [](Agent& a, const std::string& name, const torch::jit::StrongFunctionPtr& fn) {
+             a.registry().add(name, std::make_shared<Callable>(fn.cu_, fn.function_));
+           })
+      .def("local_schema",
+           [](Agent& a, const std::string& name) -> std::optional<c10::FunctionSchema> {
+             py::gil_scoped_release release;  // the resolver takes the GIL itself
+             auto c = a.registry().find(name);
+             if (!c) return std::nullopt;
+             return c->schema();
+           })
+      .def("script_call", &scriptCall, py::arg("to"), py::arg("name"), py::arg("schema"), py::arg("args"),
+           py::arg("kwargs"), py::arg("timeout"), py::arg("sync"))
+      .def("builtin_call", &builtinCall, py::arg("to"), py::arg("op_name"), py::arg("args"), py::arg("kwargs"),
+           py::arg("timeout"), py::arg("sync"))
+      .def("python_call", &pythonCall, py::arg("to"), py::arg("what"), py::arg("pickled"), py::arg("tensors"),
+           py::arg("timeout"), py::arg("sync"))
+      .def("query_schema",
+           [](Agent& a, int64_t to, const std::string& name, double timeout) {
+             FuturePtr fut;
+             {
+               py::gil_scoped_release release;
+               fut = a.send(to, SchemaQuery(name).toMessage(), timeout, name);
+             }
+             return finish(fut, true).cast<std::string>();
+           })
+      .def("set_python_handler", &setPythonHandler)
+      .def("pending_count", &Agent::pendingCount)
+      .def("wait_until_idle", &Agent::waitUntilIdle, py::call_guard<py::gil_scoped_release>())
+      .def("shutdown", &Agent::shutdown, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("running", &Agent::running);
+}
+
 }  // namespace torchrpc

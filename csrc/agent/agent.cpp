@@ -1,0 +1,388 @@
+#include "agent/agent.h"
+
+#include <torch/csrc/jit/runtime/jit_exception.h>
+
+#include "agent/tcp_transport.h"
+#include "messages/control.h"
+#include "messages/python_call.h"
+#include "messages/script_call.h"
+
+namespace torchrpc {
+namespace {
+
+constexpr int64_t kProtocolVersion = 1;
+
+const char* kindName(ErrorKind kind) {
+  switch (kind) {
+    case ErrorKind::kDecode: return "torchrpc.DecodeError";
+    case ErrorKind::kTimeout: return "torchrpc.RpcTimeoutError";
+    case ErrorKind::kPeerLost: return "torchrpc.PeerLostError";
+    case ErrorKind::kShutdown: return "torchrpc.RpcShutdownError";
+    case ErrorKind::kArgument: return "torchrpc.ArgumentError";
+    case ErrorKind::kNotFound: return "torchrpc.FunctionNotFoundError";
+    case ErrorKind::kForbidden: return "torchrpc.PythonCallDisabledError";
+    case ErrorKind::kRemote:
+    case ErrorKind::kRpc: break;
+  }
+  return "torchrpc.RpcError";
+}
+
+// Agent-level failures travel as "torchrpc.<Class>" and come back as that
+// kind, so a caller sees ArgumentError, not a generic remote error.
+bool kindFromName(const std::string& name, ErrorKind& kind) {
+  for (ErrorKind k : {ErrorKind::kDecode, ErrorKind::kTimeout, ErrorKind::kPeerLost,
+                      ErrorKind::kShutdown, ErrorKind::kArgument, ErrorKind::kNotFound,
+                      ErrorKind::kForbidden, ErrorKind::kRpc}) {
+    if (name == kindName(k)) {
+      kind = k;
+      return true;
+    }
+  }
+  return false;
+}
+
+// Turns whatever a request threw into the EXCEPTION message sent back.
+RemoteException describeCurrentException() {
+  try {
+    throw;
+  } catch (const RpcError& e) {
+    return {kindName(e.kind()), e.what(), e.remoteTraceback()};
+  } catch (const torch::jit::JITException& e) {
+    std::string type = e.getPythonClassName().value_or("builtins.RuntimeError");
+    return {type, e.getOriginalMsg().value_or(e.what()), e.what()};
+  } catch (const c10::ValueError& e) {
+    return {"builtins.ValueError", e.what_without_backtrace(), e.what()};
+  } catch (const c10::TypeError& e) {
+    return {"builtins.TypeError", e.what_without_backtrace(), e.what()};
+  } catch (const c10::IndexError& e) {
+    return {"builtins.IndexError", e.what_without_backtrace(), e.what()};
+  } catch (const c10::NotImplementedError& e) {
+    return {"builtins.NotImplementedError", e.what_without_backtrace(), e.what()};
+  } catch (const c10::Error& e) {
+    return {"builtins.RuntimeError", e.what_without_backtrace(), e.what()};
+  } catch (const std::exception& e) {
+    return {"builtins.RuntimeError", e.what(), ""};
+  } catch (...) {
+    return {"builtins.RuntimeError", "unknown C++ exception", ""};
+  }
+}
+
+}  // namespace
+
+Agent::Agent(WorkerInfo self, AgentOptions options)
+    : self_(std::move(self)), options_(std::move(options)) {
+  self_.pythonUdf = options_.pythonUdf;
+  pool_ = std::make_unique<ThreadPool>(static_cast<size_t>(std::max<int64_t>(1, options_.numWorkerThreads)));
+  TransportCallbacks callbacks;
+  callbacks.onMessage = [this](const std::shared_ptr<Connection>& c, Message&& m) { onMessage(c, std::move(m)); };
+  callbacks.onClosed = [this](const std::shared_ptr<Connection>& c, const std::string& why) { onClosed(c, why); };
+  transport_ = std::make_unique<TcpTransport>(options_.listenHost, options_.advertisedHost, std::move(callbacks));
+  self_.address = transport_->address();
+  timer_ = std::thread([this] { timeoutLoop(); });
+}
+
+Agent::~Agent() { shutdown(); }
+
+void Agent::setWorkers(std::vector<WorkerInfo> workers) {
+  for (size_t i = 0; i < workers.size(); ++i) {
+    TORCH_CHECK(workers[i].id == static_cast<int64_t>(i), "workers must be indexed by id");
+  }
+  workers_ = std::move(workers);
+}
+
+const WorkerInfo& Agent::worker(int64_t id) const {
+  if (id < 0 || id >= static_cast<int64_t>(workers_.size())) {
+    throw RpcError(ErrorKind::kArgument, "torchrpc: no worker with id " + std::to_string(id));
+  }
+  return workers_[id];
+}
+
+std::shared_ptr<Connection> Agent::connectionTo(int64_t to) {
+  std::lock_guard<std::mutex> g(connMu_);
+  auto it = outgoing_.find(to);
+  if (it != outgoing_.end()) return it->second;
+  const WorkerInfo& peer = worker(to);
+  std::shared_ptr<Connection> conn;
+  try {
+    conn = transport_->connect(peer.address);
+  } catch (const RpcError& e) {
+    throw RpcError(ErrorKind::kPeerLost, "torchrpc: cannot reach worker '" + peer.name + "' at " +
+                                             peer.address + ": " + e.what());
+  }
+  conn->setPeerId(to);
+  conn->send(Handshake(self_.name, self_.id, kProtocolVersion).toMessage());
+  outgoing_[to] = conn;
+  return conn;
+}
+
+std::string Agent::describe(const Pending& p) const {
+  const std::string& peer = p.peer < static_cast<int64_t>(workers_.size()) ? workers_[p.peer].name : "?";
+  return "'" + p.what + "' on worker '" + peer + "'";
+}
+
+FuturePtr Agent::send(int64_t to, Message&& request, double timeoutSeconds, const std::string& what) {
+  if (stopped_.load()) {
+    throw RpcError(ErrorKind::kShutdown, "torchrpc: cannot call '" + what + "': RPC is shut down");
+  }
+  const WorkerInfo& peer = worker(to);
+  auto future = c10::make_intrusive<c10::ivalue::Future>(c10::AnyType::get());
+  if (timeoutSeconds < 0) timeoutSeconds = options_.rpcTimeoutSeconds;
+  const int64_t id = nextMessageId_.fetch_add(1);
+  request.id = id;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    Pending p{future, to, what, deadlines_.end(), timeoutSeconds};
+    if (timeoutSeconds > 0) {
+      auto when = std::chrono::steady_clock::now() +
+                  std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                      std::chrono::duration<double>(timeoutSeconds));
+      p.deadline = deadlines_.emplace(when, id);
+      if (p.deadline == deadlines_.begin()) timerCv_.notify_one();
+    }
+    pending_.emplace(id, std::move(p));
+  }
+  try {
+    connectionTo(to)->send(request);
+  } catch (const RpcError& e) {
+    std::unique_lock<std::mutex> g(mu_);
+    auto it = pending_.find(id);
+    if (it == pending_.end()) return future;  // already failed by onClosed
+    if (it->second.timeoutSeconds > 0) deadlines_.erase(it->second.deadline);
+    pending_.erase(it);
+    if (pending_.empty()) idleCv_.notify_all();
+    g.unlock();
+    if (e.kind() == ErrorKind::kPeerLost) {
+      future->setError(std::make_exception_ptr(RpcError(
+          ErrorKind::kPeerLost, "torchrpc: calling '" + what + "' on worker '" + peer.name + "': " + e.what())));
+    } else {
+      throw;  // the request itself could not be encoded: the caller's mistake
+    }
+  }
+  return future;
+}
+
+FuturePtr Agent::scriptCall(int64_t to, std::string qualifiedName, std::vector<c10::IValue> stack,
+                            double timeoutSeconds) {
+  std::string what = qualifiedName;
+  return send(to, ScriptCall(std::move(qualifiedName), std::move(stack)).toMessage(), timeoutSeconds, what);
+}
+
+void Agent::onMessage(const std::shared_ptr<Connection>& conn, Message&& message) {
+  if (isResponse(message.type)) {
+    completeResponse(std::move(message));
+    return;
+  }
+  switch (message.type) {
+    case MessageType::kHandshake: {
+      auto hs = Handshake::fromMessage(message);
+      if (hs->protocolVersion() != kProtocolVersion) {
+        throw RpcError(ErrorKind::kDecode, "torchrpc: worker '" + hs->workerName() +
+                                               "' speaks protocol " + std::to_string(hs->protocolVersion()));
+      }
+      conn->setPeerId(hs->workerId());
+      return;
+    }
+    case MessageType::kHeartbeat:
+      reply(conn, Heartbeat().toMessage(), message.id);
+      return;
+    default:
+      pool_->submit([this, conn, m = std::move(message)]() mutable { serveRequest(conn, std::move(m)); });
+  }
+}
+
+void Agent::serveRequest(const std::shared_ptr<Connection>& conn, Message&& request) {
+  const int64_t id = request.id;
+  Message response;
+  try {
+    response = runRequest(request);
+  } catch (...) {
+    response = describeCurrentException().toMessage();
+  }
+  reply(conn, std::move(response), id);
+}
+
+Message Agent::runRequest(Message& request) {
+  switch (request.type) {
+    case MessageType::kScriptCall: {
+      auto call = ScriptCall::fromMessage(request);
+      auto callable = registry_.find(call->qualifiedName());
+      if (!callable) {
+        throw RpcError(ErrorKind::kNotFound, "torchrpc: no function '" + call->qualifiedName() +
+                                                 "' is registered on worker '" + self_.name + "'");
+      }
+      checkArguments(call->qualifiedName(), callable->schema(), call->stack());
+      return ScriptRet(callable->run(call->stack())).toMessage();
+    }
+    case MessageType::kPythonCall:
+      if (!options_.pythonUdf || !pythonHandler_) {
+        throw RpcError(ErrorKind::kForbidden,
+                       "torchrpc: worker '" + self_.name +
+                           "' does not run Python callables (start it with RpcOptions(python_udf=True))");
+      }
+      return pythonHandler_(std::move(request));
+    case MessageType::kSchemaQuery: {
+      auto query = SchemaQuery::fromMessage(request);
+      auto callable = registry_.find(query->value());
+      return SchemaRet(callable ? toString(callable->schema()) : "").toMessage();
+    }
+    default:
+      throw RpcError(ErrorKind::kRpc, "torchrpc: worker '" + self_.name + "' cannot serve " +
+                                          messageTypeName(request.type) + " requests");
+  }
+}
+
+void Agent::reply(const std::shared_ptr<Connection>& conn, Message&& response, int64_t id) {
+  response.id = id;
+  try {
+    conn->send(response);
+  } catch (const RpcError& e) {
+    if (e.kind() == ErrorKind::kPeerLost) return;  // the caller is gone; nobody to tell
+    // The result could not be encoded (an unsendable type): say so instead.
+    Message err = RemoteException(kindName(e.kind()), e.what(), "").toMessage();
+    err.id = id;
+    try {
+      conn->send(err);
+    } catch (const RpcError&) {
+    }
+  }
+}
+
+void Agent::completeResponse(Message&& response) {
+  Pending p;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    auto it = pending_.find(response.id);
+    if (it == pending_.end()) return;  // timed out earlier: drop the late reply
+    p = std::move(it->second);
+    if (p.timeoutSeconds > 0) deadlines_.erase(p.deadline);
+    pending_.erase(it);
+    if (pending_.empty()) idleCv_.notify_all();
+  }
+  try {
+    switch (response.type) {
+      case MessageType::kScriptRet:
+        p.future->markCompleted(std::move(ScriptRet::fromMessage(response)->value()));
+        return;
+      case MessageType::kPythonRet: {
+        auto ret = PythonRet::fromMessage(response);
+        auto& v = ret->value();
+        p.future->markCompleted(c10::IValue(c10::ivalue::Tuple::create(
+            c10::IValue(v.bytes), c10::IValue(c10::List<at::Tensor>(std::move(v.tensors))))));
+        return;
+      }
+      case MessageType::kSchemaRet:
+        p.future->markCompleted(c10::IValue(SchemaRet::fromMessage(response)->value()));
+        return;
+      case MessageType::kException: {
+        auto ex = RemoteException::fromMessage(response);
+        ErrorKind kind = ErrorKind::kRemote;
+        if (kindFromName(ex->errorType(), kind)) {
+          p.future->setError(std::make_exception_ptr(RpcError(kind, ex->message())));
+        } else {
+          std::string shortType = ex->errorType().substr(ex->errorType().rfind('.') + 1);
+          p.future->setError(std::make_exception_ptr(
+              RpcError(ErrorKind::kRemote, shortType + " raised by " + describe(p) + ": " + ex->message(),
+                       ex->errorType(), ex->traceback())));
+        }
+        return;
+      }
+      default:
+        throw RpcError(ErrorKind::kDecode, "unexpected " + messageTypeName(response.type) + " response");
+    }
+  } catch (const RpcError& e) {
+    p.future->setErrorIfNeeded(std::make_exception_ptr(
+        RpcError(ErrorKind::kDecode, "torchrpc: bad response to " + describe(p) + ": " + e.what())));
+  }
+}
+
+void Agent::failPending(const std::function<bool(const Pending&)>& which, ErrorKind kind,
+                        const std::string& why) {
+  std::vector<Pending> failed;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    for (auto it = pending_.begin(); it != pending_.end();) {
+      if (which(it->second)) {
+        if (it->second.timeoutSeconds > 0) deadlines_.erase(it->second.deadline);
+        failed.push_back(std::move(it->second));
+        it = pending_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    if (pending_.empty()) idleCv_.notify_all();
+  }
+  for (auto& p : failed) {
+    p.future->setErrorIfNeeded(
+        std::make_exception_ptr(RpcError(kind, "torchrpc: " + describe(p) + " failed: " + why)));
+  }
+}
+
+void Agent::onClosed(const std::shared_ptr<Connection>& conn, const std::string& why) {
+  const int64_t peer = conn->peerId();
+  {
+    std::lock_guard<std::mutex> g(connMu_);
+    auto it = outgoing_.find(peer);
+    if (it == outgoing_.end() || it->second != conn) return;  // an incoming connection
+    outgoing_.erase(it);
+  }
+  if (stopped_.load()) {
+    failPending([peer](const Pending& p) { return p.peer == peer; }, ErrorKind::kShutdown, "RPC was shut down");
+  } else {
+    failPending([peer](const Pending& p) { return p.peer == peer; }, ErrorKind::kPeerLost,
+                "lost the connection to the worker (" + why + ")");
+  }
+}
+
+void Agent::timeoutLoop() {
+  std::unique_lock<std::mutex> g(mu_);
+  while (!stopped_.load()) {
+    if (deadlines_.empty()) {
+      timerCv_.wait(g);
+      continue;
+    }
+    auto first = deadlines_.begin();
+    auto now = std::chrono::steady_clock::now();
+    if (now < first->first) {
+      timerCv_.wait_until(g, first->first);
+      continue;
+    }
+    auto it = pending_.find(first->second);
+    deadlines_.erase(first);
+    if (it == pending_.end()) continue;
+    Pending p = std::move(it->second);
+    pending_.erase(it);
+    if (pending_.empty()) idleCv_.notify_all();
+    g.unlock();
+    p.future->setErrorIfNeeded(std::make_exception_ptr(
+        RpcError(ErrorKind::kTimeout, "torchrpc: call to " + describe(p) + " timed out after " +
+                                          c10::str(p.timeoutSeconds) + " s")));
+    g.lock();
+  }
+}
+
+size_t Agent::pendingCount() {
+  std::lock_guard<std::mutex> g(mu_);
+  return pending_.size();
+}
+
+bool Agent::waitUntilIdle(double timeoutSeconds) {
+  std::unique_lock<std::mutex> g(mu_);
+  auto until = std::chrono::steady_clock::now() +
+               std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                   std::chrono::duration<double>(timeoutSeconds));
+  return idleCv_.wait_until(g, until, [this] { return pending_.empty(); });
+}
+
+void Agent::shutdown() {
+  if (stopped_.exchange(true)) return;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    timerCv_.notify_all();
+  }
+  if (timer_.joinable()) timer_.join();
+  transport_->shutdown();
+  pool_->stop();
+  failPending([](const Pending&) { return true; }, ErrorKind::kShutdown, "RPC was shut down");
+}
+
+}  // namespace torchrpc

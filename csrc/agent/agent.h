@@ -1,0 +1,128 @@
+#pragma once
+
+// The RPC agent: owns this worker's transport, its table of requests in
+// flight, its function registry and its thread pool. Nothing here is global;
+// the Python layer holds the one Agent that init_rpc creates.
+//
+// Contract: every future send() returns completes exactly once, with the
+// response's value or an RpcError (timeout, peer lost, remote error,
+// shutdown).
+
+#include <ATen/core/ivalue.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "agent/function_registry.h"
+#include "agent/thread_pool.h"
+#include "agent/transport.h"
+
+namespace torchrpc {
+
+using FuturePtr = c10::intrusive_ptr<c10::ivalue::Future>;
+
+struct WorkerInfo {
+  std::string name;
+  int64_t id = -1;
+  std::string address;
+  bool pythonUdf = false;
+};
+
+struct AgentOptions {
+  int64_t numWorkerThreads = 16;
+  double rpcTimeoutSeconds = 60.0;  // default for calls that pass none
+  bool pythonUdf = false;           // run PYTHON_CALLs from peers
+  std::string listenHost = "0.0.0.0";
+  std::string advertisedHost = "127.0.0.1";
+};
+
+// Runs a PYTHON_CALL (pickled request) and returns the PYTHON_RET or
+// EXCEPTION message. Installed by the Python bindings; takes the GIL itself.
+using PythonCallHandler = std::function<Message(Message&& request)>;
+
+class Agent {
+ public:
+  Agent(WorkerInfo self, AgentOptions options);
+  ~Agent();
+  Agent(const Agent&) = delete;
+  Agent& operator=(const Agent&) = delete;
+
+  // Where peers dial this agent (publish it at rendezvous).
+  std::string address() const { return transport_->address(); }
+  // The world, indexed by worker id; called once after rendezvous.
+  void setWorkers(std::vector<WorkerInfo> workers);
+  const WorkerInfo& self() const { return self_; }
+  const WorkerInfo& worker(int64_t id) const;
+  const std::vector<WorkerInfo>& workers() const { return workers_; }
+  const AgentOptions& options() const { return options_; }
+  FunctionRegistry& registry() { return registry_; }
+  void setPythonCallHandler(PythonCallHandler handler) { pythonHandler_ = std::move(handler); }
+
+  // Sends a request; the future completes with the response's value.
+  // timeoutSeconds < 0 takes the default, 0 waits forever. `what` names the
+  // call in errors (a function's name).
+  FuturePtr send(int64_t to, Message&& request, double timeoutSeconds, const std::string& what);
+  FuturePtr scriptCall(int64_t to, std::string qualifiedName, std::vector<c10::IValue> stack,
+                       double timeoutSeconds);
+
+  // Requests of ours still waiting for a response.
+  size_t pendingCount();
+  // Waits until pendingCount() is 0; false if the timeout passed first.
+  bool waitUntilIdle(double timeoutSeconds);
+  // Closes every connection now; pending and later calls fail with
+  // RpcError(kShutdown). Idempotent; never blocks on peers.
+  void shutdown();
+  bool running() const { return !stopped_.load(); }
+
+ private:
+  struct Pending {
+    FuturePtr future;
+    int64_t peer;
+    std::string what;
+    std::multimap<std::chrono::steady_clock::time_point, int64_t>::iterator deadline;
+    double timeoutSeconds;  // 0: none
+  };
+
+  void onMessage(const std::shared_ptr<Connection>& conn, Message&& message);
+  void onClosed(const std::shared_ptr<Connection>& conn, const std::string& why);
+  void completeResponse(Message&& response);
+  void serveRequest(const std::shared_ptr<Connection>& conn, Message&& request);
+  Message runRequest(Message& request);
+  void reply(const std::shared_ptr<Connection>& conn, Message&& response, int64_t id);
+  std::shared_ptr<Connection> connectionTo(int64_t to);
+  void failPending(const std::function<bool(const Pending&)>& which, ErrorKind kind,
+                   const std::string& why);
+  void timeoutLoop();
+  std::string describe(const Pending& p) const;
+
+  WorkerInfo self_;
+  AgentOptions options_;
+  std::vector<WorkerInfo> workers_;
+  FunctionRegistry registry_;
+  PythonCallHandler pythonHandler_;
+  std::atomic<bool> stopped_{false};
+  std::atomic<int64_t> nextMessageId_{1};
+
+  std::mutex connMu_;
+  std::unordered_map<int64_t, std::shared_ptr<Connection>> outgoing_;
+
+  std::mutex mu_;  // guards pending_ and deadlines_
+  std::condition_variable idleCv_;
+  std::condition_variable timerCv_;
+  std::unordered_map<int64_t, Pending> pending_;
+  std::multimap<std::chrono::steady_clock::time_point, int64_t> deadlines_;
+
+  std::unique_ptr<ThreadPool> pool_;
+  std::unique_ptr<Transport> transport_;
+  std::thread timer_;
+};
+
+}  // namespace torchrpc

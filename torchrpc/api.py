@@ -1,0 +1,288 @@
+"""The public RPC API. Names follow torch.distributed.rpc so users can switch
+with little change; the work happens in torchrpc._C.Agent."""
+
+import atexit
+import dataclasses
+import threading
+from typing import Any, Callable, Dict, Optional, Union
+
+import torch
+
+from torchrpc import _C, python_udf, rendezvous
+from torchrpc.errors import (
+    FunctionNotFoundError,
+    PythonCallDisabledError,
+    RpcShutdownError,
+    RpcTimeoutError,
+)
+
+__all__ = [
+    "RpcOptions",
+    "WorkerInfo",
+    "init_rpc",
+    "shutdown",
+    "rpc_sync",
+    "rpc_async",
+    "register",
+    "script",
+    "get_worker_info",
+]
+
+
+@dataclasses.dataclass
+class RpcOptions:
+    """Options for init_rpc.
+
+    num_worker_threads: threads that run incoming requests.
+    rpc_timeout: default call timeout in seconds (0: none).
+    python_udf: run pickled Python callables sent by peers (off by default:
+        unpickling runs arbitrary code).
+    init_timeout: seconds to wait for every worker at rendezvous.
+    shutdown_timeout: default seconds a graceful shutdown waits for peers.
+    """
+
+    num_worker_threads: int = 16
+    rpc_timeout: float = 60.0
+    python_udf: bool = False
+    init_timeout: float = 120.0
+    shutdown_timeout: float = 120.0
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerInfo:
+    """A worker's name and id (its rank)."""
+
+    name: str
+    id: int
+
+
+class _State:
+    """What init_rpc sets up: the one process-wide handle."""
+
+    def __init__(self, agent, store, workers, options):
+        self.agent = agent
+        self.store = store
+        self.workers = workers  # list of WorkerInfo, indexed by id
+        self.by_name = {w.name: w for w in workers}
+        self.python_udf = [False] * len(workers)
+        self.options = options
+        self.remote_schemas: Dict[tuple, Any] = {}
+        self.self_info: Optional[WorkerInfo] = None
+
+
+_state: Optional[_State] = None
+_lock = threading.Lock()
+_registered: Dict[str, torch.jit.ScriptFunction] = {}
+
+
+def _current() -> _State:
+    if _state is None:
+        raise RpcShutdownError("torchrpc: RPC is not running (call torchrpc.init_rpc first)")
+    return _state
+
+
+def init_rpc(
+    name: str,
+    rank: int = -1,
+    world_size: Optional[int] = None,
+    *,
+    init_method: str = "env://",
+    options: Optional[RpcOptions] = None,
+):
+    """Starts this worker and waits until all `world_size` workers have joined.
+
+    init_method is "env://" (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, as
+    torchrun sets them) or "tcp://host:port"; rank 0 hosts the rendezvous store.
+    """
+    global _state
+    options = options or RpcOptions()
+    rendezvous.check_name(name)
+    host, port, rank, world_size = rendezvous.parse_init_method(init_method, rank, world_size)
+    with _lock:
+        if _state is not None:
+            raise RuntimeError("torchrpc: init_rpc was already called in this process")
+        my_host = rendezvous.local_address_towards(host)
+        store = rendezvous.open_store(host, port, rank, world_size, options.init_timeout)
+        agent = _C.Agent(
+            name, rank, options.num_worker_threads, float(options.rpc_timeout),
+            options.python_udf, my_host, my_host,
+        )
+        try:
+            infos = rendezvous.exchange(
+                store, rank, world_size,
+                {"name": name, "address": agent.address, "python_udf": options.python_udf},
+                options.init_timeout,
+            )
+        except BaseException:
+            agent.shutdown()
+            raise
+        agent.set_workers([(w["name"], w["address"], w["python_udf"]) for w in infos])
+        agent.set_python_handler(python_udf.run_python_call)
+        state = _State(agent, store, [WorkerInfo(w["name"], r) for r, w in enumerate(infos)], options)
+        state.python_udf = [w["python_udf"] for w in infos]
+        state.self_info = state.workers[rank]
+        for qualified_name, fn in _registered.items():
+            agent.register_function(qualified_name, fn)
+        _state = state
+
+
+def shutdown(graceful: bool = True, timeout: Optional[float] = None):
+    """Stops this worker.
+
+    graceful=True waits until every worker has finished its calls (a barrier
+    over all workers), then closes; graceful=False closes at once, failing
+    pending calls. Never hangs: past `timeout` seconds it closes anyway and
+    raises RpcTimeoutError.
+    """
+    global _state
+    with _lock:
+        state = _state
+        if state is None:
+            return
+        _state = None
+    timeout = state.options.shutdown_timeout if timeout is None else timeout
+    n = len(state.workers)
+    ok = True
+    try:
+        if graceful:
+            ok = state.agent.wait_until_idle(timeout)
+            arrived, count = rendezvous.barrier(state.store, "torchrpc/shutdown/1", n, timeout)
+            ok = ok and arrived
+    finally:
+        state.agent.shutdown()
+    if graceful:
+        # Rank 0 hosts the store: it leaves last so every worker can finish the barrier.
+        rendezvous.barrier(state.store, "torchrpc/shutdown/2", n, timeout)
+    if not ok:
+        raise RpcTimeoutError(
+            f"torchrpc: graceful shutdown timed out after {timeout} s "
+            f"(pending calls or workers that never arrived); closed anyway"
+        )
+
+
+def get_worker_info(name: Optional[str] = None) -> WorkerInfo:
+    """This worker's WorkerInfo, or that of the worker called `name`."""
+    state = _current()
+    if name is None:
+        return state.self_info
+    try:
+        return state.by_name[name]
+    except KeyError:
+        raise ValueError(f"torchrpc: unknown worker name {name!r}") from None
+
+
+def register(fn: torch.jit.ScriptFunction) -> torch.jit.ScriptFunction:
+    """Registers a TorchScript function under its qualified name (a decorator too).
+
+    Registered functions can be called by peers by name; registering before
+    init_rpc is fine.
+    """
+    if not isinstance(fn, torch.jit.ScriptFunction):
+        raise TypeError(f"register() takes a torch.jit.ScriptFunction, got {type(fn).__name__}")
+    _registered[fn.qualified_name] = fn
+    if _state is not None:
+        _state.agent.register_function(fn.qualified_name, fn)
+    return fn
+
+
+def script(fn: Callable) -> torch.jit.ScriptFunction:
+    """torch.jit.script(fn), then register()."""
+    return register(torch.jit.script(fn))
+
+
+def _worker_id(state: _State, to: Union[str, int, WorkerInfo]) -> int:
+    if isinstance(to, WorkerInfo):
+        return to.id
+    if isinstance(to, str):
+        return get_worker_info(to).id
+    if isinstance(to, int) and 0 <= to < len(state.workers):
+        return to
+    raise ValueError(f"torchrpc: unknown destination {to!r}")
+
+
+def _timeout(timeout: Optional[float]) -> float:
+    if timeout is None:
+        return -1.0  # the agent's default
+    if timeout < 0:
+        raise ValueError("timeout must be None, 0 (no timeout) or positive seconds")
+    return float(timeout)
+
+
+def _builtin_name(func) -> Optional[str]:
+    """'aten::add' for torch.add, torch.ops.aten.add, torch.ops.aten.add.Tensor."""
+    if isinstance(func, torch._ops.OpOverload):
+        return func._schema.name
+    if isinstance(func, torch._ops.OpOverloadPacket):
+        return func._qualified_op_name
+    return torch.jit._builtins._find_builtin(func)
+
+
+def _schema_for(state: _State, to: int, name: str):
+    schema = state.agent.local_schema(name)
+    if schema is not None:
+        return schema
+    key = (to, name)
+    if key not in state.remote_schemas:
+        text = state.agent.query_schema(to, name, -1.0)
+        if not text:
+            raise FunctionNotFoundError(
+                f"torchrpc: no function {name!r} is registered on worker "
+                f"{state.workers[to].name!r}"
+            )
+        state.remote_schemas[key] = torch._C.parse_schema(text)
+    return state.remote_schemas[key]
+
+
+def _invoke(to, func, args, kwargs, timeout, sync: bool):
+    state = _current()
+    dst = _worker_id(state, to)
+    args = tuple(args) if args is not None else ()
+    kwargs = dict(kwargs) if kwargs is not None else {}
+    t = _timeout(timeout)
+    agent = state.agent
+    if isinstance(func, torch.jit.ScriptFunction):
+        return agent.script_call(dst, func.qualified_name, func.schema, args, kwargs, t, sync)
+    if isinstance(func, str):
+        if "::" in func:
+            return agent.builtin_call(dst, func.split(".")[0], args, kwargs, t, sync)
+        return agent.script_call(dst, func, _schema_for(state, dst, func), args, kwargs, t, sync)
+    builtin = _builtin_name(func)
+    if builtin is not None:
+        return agent.builtin_call(dst, builtin, args, kwargs, t, sync)
+    if not callable(func):
+        raise TypeError(f"torchrpc: cannot call {func!r}: not a function")
+    if not state.python_udf[dst]:
+        raise PythonCallDisabledError(
+            f"torchrpc: worker {state.workers[dst].name!r} does not run Python callables "
+            f"(it must start with RpcOptions(python_udf=True)); "
+            f"register {getattr(func, '__name__', func)!r} as a TorchScript function instead"
+        )
+    pickled, tensors = python_udf.dumps((func, args, kwargs))
+    what = getattr(func, "__qualname__", repr(func))
+    result = agent.python_call(dst, what, pickled, tensors, t, sync)
+    if sync:
+        return python_udf.loads_result(result)
+    return result.then(lambda fut: python_udf.loads_result(fut.value()))
+
+
+def rpc_sync(to, func, args=None, kwargs=None, timeout: Optional[float] = None):
+    """Calls `func(*args, **kwargs)` on worker `to` and returns its result.
+
+    `func` is a TorchScript function (or its registered qualified name), a
+    builtin operator (torch.add, torch.ops.aten.mul.Tensor), or, where the
+    callee opted in, any picklable Python callable. `to` is a worker name,
+    id or WorkerInfo. timeout: None for the default, 0 for none, else seconds.
+    """
+    return _invoke(to, func, args, kwargs, timeout, True)
+
+
+def rpc_async(to, func, args=None, kwargs=None, timeout: Optional[float] = None):
+    """Like rpc_sync, but returns a torch Future at once."""
+    return _invoke(to, func, args, kwargs, timeout, False)
+
+
+@atexit.register
+def _close_at_exit():
+    # A process that never called shutdown() must still exit: close locally.
+    if _state is not None:
+        shutdown(graceful=False)
