@@ -107,6 +107,10 @@ def init_rpc(
             name, rank, options.num_worker_threads, float(options.rpc_timeout),
             options.python_udf, my_host, my_host,
         )
+        # Ready to serve before anyone can learn our address.
+        agent.set_python_handler(python_udf.run_python_call)
+        for qualified_name, fn in _registered.items():
+            agent.register_function(qualified_name, fn)
         try:
             infos = rendezvous.exchange(
                 store, rank, world_size,
@@ -117,12 +121,9 @@ def init_rpc(
             agent.shutdown()
             raise
         agent.set_workers([(w["name"], w["address"], w["python_udf"]) for w in infos])
-        agent.set_python_handler(python_udf.run_python_call)
         state = _State(agent, store, [WorkerInfo(w["name"], r) for r, w in enumerate(infos)], options)
         state.python_udf = [w["python_udf"] for w in infos]
         state.self_info = state.workers[rank]
-        for qualified_name, fn in _registered.items():
-            agent.register_function(qualified_name, fn)
         _state = state
 
 
@@ -146,13 +147,14 @@ def shutdown(graceful: bool = True, timeout: Optional[float] = None):
     try:
         if graceful:
             ok = state.agent.wait_until_idle(timeout)
-            arrived, count = rendezvous.barrier(state.store, "torchrpc/shutdown/1", n, timeout)
-            ok = ok and arrived
+            ok = rendezvous.barrier(state.store, "torchrpc/shutdown/1", n, timeout) and ok
     finally:
         state.agent.shutdown()
     if graceful:
-        # Rank 0 hosts the store: it leaves last so every worker can finish the barrier.
-        rendezvous.barrier(state.store, "torchrpc/shutdown/2", n, timeout)
+        # Rank 0 hosts the store: it leaves only after every worker has left
+        # the first barrier, so none of them loses the store mid-wait.
+        is_host = state.self_info.id == 0
+        rendezvous.barrier(state.store, "torchrpc/shutdown/2", n, timeout, wait=is_host)
     if not ok:
         raise RpcTimeoutError(
             f"torchrpc: graceful shutdown timed out after {timeout} s "
@@ -262,7 +264,22 @@ def _invoke(to, func, args, kwargs, timeout, sync: bool):
     result = agent.python_call(dst, what, pickled, tensors, t, sync)
     if sync:
         return python_udf.loads_result(result)
-    return result.then(lambda fut: python_udf.loads_result(fut.value()))
+    return _unpickled(result)
+
+
+def _unpickled(fut):
+    """A Future of fut's unpickled value. Not fut.then(): that would wrap a
+    remote error in RuntimeError, and callers expect the error's own class."""
+    out = torch.futures.Future()
+
+    def done(f):
+        try:
+            out.set_result(python_udf.loads_result(f.value()))
+        except BaseException as e:
+            out.set_exception(e)
+
+    fut.add_done_callback(done)
+    return out
 
 
 def rpc_sync(to, func, args=None, kwargs=None, timeout: Optional[float] = None):

@@ -7,7 +7,7 @@ import re
 import socket
 import time
 from datetime import timedelta
-from typing import List, Tuple
+from typing import List
 from urllib.parse import urlparse
 
 from torch.distributed import TCPStore
@@ -89,11 +89,17 @@ def exchange(store, rank: int, world_size: int, info: dict, timeout: float) -> L
     return infos
 
 
-def barrier(store, key: str, world_size: int, timeout: float) -> Tuple[bool, int]:
-    """Counts this worker in at `key` and waits for all; (all arrived, count)."""
-    count = store.add(key, 1)
-    deadline = time.monotonic() + timeout
-    while count < world_size and time.monotonic() < deadline:
-        time.sleep(0.005)
-        count = store.add(key, 0)
-    return count >= world_size, count
+def barrier(store, key: str, world_size: int, timeout: float, wait: bool = True) -> bool:
+    """Counts this worker in at `key` and, if `wait`, waits for all.
+
+    Returns False if the timeout passed or the store went away first.
+    """
+    try:
+        count = store.add(key, 1)
+        deadline = time.monotonic() + timeout
+        while wait and count < world_size and time.monotonic() < deadline:
+            time.sleep(0.005)
+            count = store.add(key, 0)
+    except Exception:
+        return False
+    return count >= world_size or not wait

@@ -163,7 +163,10 @@ def _views(base: torch.Tensor):
         out.append(("transposed", base.transpose(0, 1)))
     if base.dim() >= 1:
         out.append(("strided", base[::2]))
-        if base.shape[0] >= 1:
+        # An empty view past the end of an empty storage (torch.empty(2, 0)[1:]) is
+        # not generated: encodeFrame reads from its null data pointer and crashes
+        # (test_empty_view_past_an_empty_storage, xfail). Drop this once that passes.
+        if base.shape[0] >= 1 and base.numel() > 0:
             out.append(("offset", base[1:]))
         if base.is_contiguous() and base.dtype.itemsize > 1:
             out.append(("bytes", base.view(torch.uint8)))
@@ -396,6 +399,14 @@ def tensors_in(value) -> List[torch.Tensor]:
     return []
 
 
+def _bytes_of(t: torch.Tensor) -> torch.Tensor:
+    """The element bytes of `t` in logical order (a fresh dense copy, because
+    contiguous() keeps odd strides on size-1 dims and view(uint8) rejects them)."""
+    dense = torch.empty(t.shape, dtype=t.dtype)
+    dense.copy_(t)
+    return dense.view(-1).view(torch.uint8)
+
+
 def _assert_tensor_equal(a: torch.Tensor, b: torch.Tensor, path: str, exact: bool):
     assert isinstance(b, torch.Tensor), f"{path}: Tensor vs {type(b).__name__}"
     assert a.dtype == b.dtype, f"{path}: dtype {a.dtype} vs {b.dtype}"
@@ -405,7 +416,9 @@ def _assert_tensor_equal(a: torch.Tensor, b: torch.Tensor, path: str, exact: boo
     a, b = a.detach(), b.detach()
     if exact:
         # Bit for bit: NaN payloads and -0.0 included; strides don't matter.
-        a_bits, b_bits = (t.reshape(-1).contiguous().view(torch.uint8) for t in (a, b))
+        if a.numel() == 0:
+            return
+        a_bits, b_bits = (_bytes_of(t) for t in (a, b))
         if torch.equal(a_bits, b_bits):
             return
     elif a.dtype.is_floating_point or a.dtype.is_complex:

@@ -1,0 +1,622 @@
+"""torchrpc vs torch.distributed.rpc (TensorPipe) on two local processes.
+
+    python benchmarks/bench_rpc.py            # full run (about 1-3 minutes)
+    python benchmarks/bench_rpc.py --quick    # smoke run for CI (seconds)
+
+Two processes are spawned. Each runs one phase per backend (torchrpc, then
+TensorPipe by default; see --order), starting the backend with a fresh free
+port and shutting it down before the next phase. Rank 0 ("w0") measures,
+rank 1 ("w1") only serves. Both processes import this module, so both see the
+same module-level functions (the TorchScript functions below and the Python
+UDFs).
+
+Prints a table with torchrpc / TensorPipe ratios and writes JSON to
+benchmarks/results/rpc.json (see --out).
+
+Adding a case: write `def case_x(b: Backend, cfg: Config) -> Dict[str, float]`
+that measures through the Backend adapter (b.rpc_sync / b.rpc_async / ... and
+b.kind for the rare backend-specific code), raise Skip(...) where a backend
+cannot run it, and append a Case(...) describing its metrics to CASES.
+"""
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import platform
+import queue as queue_mod
+import socket
+import statistics
+import sys
+import time
+import traceback
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+WORLD_SIZE = 2
+CALLEE = "w1"
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "rpc.json")
+
+# ---------------------------------------------------------------------------
+# Functions called remotely. Module level: both spawned processes define them.
+
+
+@torch.jit.script
+def add_one(x: Tensor) -> Tensor:
+    return x + 1
+
+
+@torch.jit.script
+def echo(x: Tensor) -> Tensor:
+    return x
+
+
+def py_add_one(x):
+    return x + 1
+
+
+def py_echo(x):
+    return x
+
+
+SCRIPT_FUNCTIONS = [add_one, echo]
+
+# ---------------------------------------------------------------------------
+# Configuration
+
+
+@dataclasses.dataclass
+class Config:
+    quick: bool = False
+    # Latency cases: warm-up calls, then measured calls.
+    warmup: int = 300
+    latency_iters: int = 3000
+    # Pipelined rpc_async: calls in flight per repeat, repeats.
+    pipeline_calls: int = 4000
+    pipeline_repeats: int = 7
+    # Large tensor round trips: (label, float32 elements, warm-up, repeats).
+    big: tuple = (("1MiB", 1 << 18, 10, 100), ("64MiB", 1 << 24, 2, 10))
+    rpc_timeout: float = 60.0
+    init_timeout: float = 60.0
+    shutdown_timeout: float = 60.0
+    phase_timeout: float = 600.0  # how long rank 1 serves one phase at most
+
+    @staticmethod
+    def make(quick: bool) -> "Config":
+        if not quick:
+            return Config()
+        return Config(
+            quick=True,
+            warmup=50,
+            latency_iters=300,
+            pipeline_calls=1000,
+            pipeline_repeats=3,
+            big=(("1MiB", 1 << 18, 3, 10), ("64MiB", 1 << 24, 1, 3)),
+        )
+
+
+class Skip(Exception):
+    """Raised by a case that a backend cannot run (recorded, not an error)."""
+
+
+# ---------------------------------------------------------------------------
+# Backends: one small adapter per RPC system, so cases are written once.
+
+
+class Backend:
+    kind = ""  # "torchrpc" | "tensorpipe"
+    label = ""
+
+    def init(self, rank: int, port: int, cfg: Config):
+        raise NotImplementedError
+
+    def shutdown(self, cfg: Config):
+        raise NotImplementedError
+
+    def hold_rendezvous(self):
+        """An object rank 0 keeps alive until rank 1 has shut down (or None)."""
+        return None
+
+    def rpc_sync(self, func, args=()):
+        raise NotImplementedError
+
+    def rpc_async(self, func, args=()):
+        raise NotImplementedError
+
+
+class TorchRpcBackend(Backend):
+    kind = "torchrpc"
+    label = "torchrpc"
+
+    def init(self, rank, port, cfg):
+        import torchrpc
+
+        self.rpc = torchrpc
+        for fn in SCRIPT_FUNCTIONS:
+            torchrpc.register(fn)
+        torchrpc.init_rpc(
+            f"w{rank}",
+            rank=rank,
+            world_size=WORLD_SIZE,
+            init_method=f"tcp://127.0.0.1:{port}",
+            options=torchrpc.RpcOptions(
+                num_worker_threads=16,
+                rpc_timeout=cfg.rpc_timeout,
+                python_udf=True,  # case 3 sends plain Python functions
+                init_timeout=cfg.init_timeout,
+                shutdown_timeout=cfg.shutdown_timeout,
+            ),
+        )
+
+    def shutdown(self, cfg):
+        self.rpc.shutdown(graceful=True, timeout=cfg.shutdown_timeout)
+
+    def hold_rendezvous(self):
+        # Workaround: torchrpc.shutdown()'s last barrier lets rank 0 (which
+        # hosts the TCPStore) return, and free the store, while rank 1 is
+        # still polling it, so rank 1's shutdown can fail with "Failed to
+        # recv ... Connection was likely closed". Rank 0 keeps a reference
+        # to the store until rank 1 reports that its shutdown returned.
+        state = getattr(getattr(self.rpc, "api", None), "_state", None)
+        return getattr(state, "store", None)
+
+    def rpc_sync(self, func, args=()):
+        return self.rpc.rpc_sync(CALLEE, func, args)
+
+    def rpc_async(self, func, args=()):
+        return self.rpc.rpc_async(CALLEE, func, args)
+
+
+class TensorPipeBackend(Backend):
+    kind = "tensorpipe"
+    label = "TensorPipe"
+
+    def init(self, rank, port, cfg):
+        import torch.distributed.rpc as rpc
+
+        self.rpc = rpc
+        rpc.init_rpc(
+            f"w{rank}",
+            rank=rank,
+            world_size=WORLD_SIZE,
+            rpc_backend_options=rpc.TensorPipeRpcBackendOptions(
+                init_method=f"tcp://127.0.0.1:{port}"
+            ),
+        )
+
+    def shutdown(self, cfg):
+        self.rpc.shutdown(graceful=True)
+
+    def rpc_sync(self, func, args=()):
+        return self.rpc.rpc_sync(CALLEE, func, args)
+
+    def rpc_async(self, func, args=()):
+        return self.rpc.rpc_async(CALLEE, func, args)
+
+
+BACKENDS: Dict[str, Callable[[], Backend]] = {
+    "torchrpc": TorchRpcBackend,
+    "tensorpipe": TensorPipeBackend,
+}
+ANCHOR = "tensorpipe"
+SUBJECT = "torchrpc"
+
+# ---------------------------------------------------------------------------
+# Measurement helpers
+
+
+def _check(got, want, what):
+    if not torch.equal(got, want):
+        raise AssertionError(f"{what}: wrong result (got {got!r}, want {want!r})")
+
+
+def _percentile(sorted_values: List[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    k = min(len(sorted_values) - 1, max(0, int(round(q * (len(sorted_values) - 1)))))
+    return sorted_values[k]
+
+
+def _latencies_us(call: Callable[[], object], warmup: int, iters: int) -> List[float]:
+    for _ in range(warmup):
+        call()
+    gc.collect()
+    out = []
+    clock = time.perf_counter_ns
+    for _ in range(iters):
+        t0 = clock()
+        call()
+        out.append((clock() - t0) / 1e3)
+    out.sort()
+    return out
+
+
+def _latency_case(b: Backend, cfg: Config, func, args, want, p99: bool) -> Dict[str, float]:
+    _check(b.rpc_sync(func, args), want, f"{b.label} {getattr(func, '__name__', func)}")
+    lat = _latencies_us(lambda: b.rpc_sync(func, args), cfg.warmup, cfg.latency_iters)
+    out = {"p50_us": _percentile(lat, 0.50)}
+    if p99:
+        out["p99_us"] = _percentile(lat, 0.99)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Cases. Each returns {metric: value}; metrics are described in CASES.
+
+
+def case_script_small(b: Backend, cfg: Config):
+    x = torch.arange(4, dtype=torch.float32)
+    return _latency_case(b, cfg, add_one, (x,), x + 1, p99=True)
+
+
+def case_builtin_small(b: Backend, cfg: Config):
+    x = torch.arange(4, dtype=torch.float32)
+    return _latency_case(b, cfg, torch.add, (x, 1), x + 1, p99=True)
+
+
+def case_python_udf_small(b: Backend, cfg: Config):
+    x = torch.arange(4, dtype=torch.float32)
+    return _latency_case(b, cfg, py_add_one, (x,), x + 1, p99=True)
+
+
+def case_pipelined(b: Backend, cfg: Config):
+    x = torch.arange(4, dtype=torch.float32)
+    n = cfg.pipeline_calls
+    # Warm up with one smaller burst; check every result once.
+    futs = [b.rpc_async(add_one, (x,)) for _ in range(max(1, n // 4))]
+    for f in futs:
+        _check(f.wait(), x + 1, f"{b.label} pipelined add_one")
+    del futs
+    rates = []
+    for _ in range(cfg.pipeline_repeats):
+        gc.collect()
+        t0 = time.perf_counter()
+        futs = [b.rpc_async(add_one, (x,)) for _ in range(n)]
+        for f in futs:
+            f.wait()
+        rates.append(n / (time.perf_counter() - t0))
+        del futs
+    return {"best_calls_per_s": max(rates), "median_calls_per_s": statistics.median(rates)}
+
+
+def _make_big_case(label: str):
+    """A case echoing one of cfg.big's tensors (by label)."""
+
+    def case_big(b: Backend, cfg: Config):
+        _, n, warmup, repeats = {s[0]: s for s in cfg.big}[label]
+        x = torch.rand(n, dtype=torch.float32)
+        _check(b.rpc_sync(echo, (x,)), x, f"{b.label} echo {label}")
+        for _ in range(warmup):
+            b.rpc_sync(echo, (x,))
+        gc.collect()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            b.rpc_sync(echo, (x,))
+            times.append((time.perf_counter() - t0) * 1e3)
+        return {"median_ms": statistics.median(times), "min_ms": min(times)}
+
+    case_big.__name__ = f"case_echo_{label}"
+    return case_big
+
+
+@dataclasses.dataclass
+class Metric:
+    key: str  # key in the case's result dict
+    unit: str
+    better: str  # "lower" | "higher"
+    target: Optional[float] = None  # torchrpc/anchor ratio the project aims for
+    show: bool = True  # in the printed table (always in the JSON)
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    description: str
+    fn: Callable[[Backend, Config], Dict[str, float]]
+    metrics: List[Metric]
+
+
+CASES: List[Case] = [
+    Case("script_small", "SCRIPT_CALL rpc_sync add_one(4 floats)", case_script_small,
+         [Metric("p50_us", "us", "lower", 0.8), Metric("p99_us", "us", "lower")]),
+    Case("builtin_small", "builtin rpc_sync torch.add(4 floats, 1)", case_builtin_small,
+         [Metric("p50_us", "us", "lower"), Metric("p99_us", "us", "lower", show=False)]),
+    Case("python_udf_small", "Python UDF rpc_sync py_add_one(4 floats)", case_python_udf_small,
+         [Metric("p50_us", "us", "lower"), Metric("p99_us", "us", "lower", show=False)]),
+    Case("pipelined", "pipelined rpc_async add_one, all in flight", case_pipelined,
+         [Metric("best_calls_per_s", "calls/s", "higher", 1.5),
+          Metric("median_calls_per_s", "calls/s", "higher")]),
+    Case("echo_1MiB", "echo 1 MiB float32 round trip", _make_big_case("1MiB"),
+         [Metric("median_ms", "ms", "lower"), Metric("min_ms", "ms", "lower", show=False)]),
+    Case("echo_64MiB", "echo 64 MiB float32 round trip", _make_big_case("64MiB"),
+         [Metric("median_ms", "ms", "lower", 1.0), Metric("min_ms", "ms", "lower", show=False)]),
+    # Later: a @torch.jit.script caller looping rpc_async(...).wait() inside
+    # TorchScript (torch.ops.torchrpc.rpc_async vs the anchor's
+    # torch.distributed.rpc.rpc_async), and remote() + to_here().
+]
+
+# ---------------------------------------------------------------------------
+# The two processes
+
+
+def _run_phase(rank: int, backend_name: str, port: int, cfg: Config, cases: List[str],
+               results, phase_done, peer_left):
+    """One backend's phase in one process. Rank 0 measures and reports."""
+    b = BACKENDS[backend_name]()
+    t0 = time.monotonic()
+    b.init(rank, port, cfg)
+    init_s = time.monotonic() - t0
+    hold = None
+    try:
+        if rank == 0:
+            for case in CASES:
+                if case.name not in cases:
+                    continue
+                t1 = time.monotonic()
+                try:
+                    values = case.fn(b, cfg)
+                    status, detail = "ok", ""
+                except Skip as e:
+                    values, status, detail = {}, "skipped", str(e)
+                except Exception:
+                    values, status, detail = {}, "error", traceback.format_exc()
+                results.put(("case", backend_name, case.name, status, values, detail,
+                             time.monotonic() - t1))
+            results.put(("phase", backend_name, "ok", {"init_s": round(init_s, 3)}, ""))
+        else:
+            # Serve until rank 0 is done measuring (no polling: the event blocks).
+            if not phase_done.wait(cfg.phase_timeout):
+                raise TimeoutError(f"rank 1: {backend_name} phase did not finish in time")
+    finally:
+        if rank == 0:
+            phase_done.set()
+            hold = b.hold_rendezvous()
+        try:
+            b.shutdown(cfg)
+        finally:
+            if rank == 0:
+                peer_left.wait(cfg.shutdown_timeout)
+                del hold
+            else:
+                peer_left.set()
+
+
+def _worker(rank: int, plan: List[tuple], cfg: Config, cases: List[str], results, events):
+    torch.set_num_threads(1)
+    for (backend_name, port), (done, left) in zip(plan, events):
+        try:
+            _run_phase(rank, backend_name, port, cfg, cases, results, done, left)
+        except BaseException:
+            results.put(("phase", backend_name, "error", {"rank": rank}, traceback.format_exc()))
+            # Unblock the other process and go on with the next backend; if
+            # this one left things broken, the parent's deadline ends the run.
+            done.set()
+            left.set()
+    results.put(("exit", rank))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cfg: Config, order: List[str], cases: List[str], total_timeout: float) -> dict:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    events = [(ctx.Event(), ctx.Event()) for _ in order]
+    ports = []
+    while len(ports) < len(order):
+        p = _free_port()
+        if p not in ports:
+            ports.append(p)
+    plan = list(zip(order, ports))
+    procs = [ctx.Process(target=_worker, args=(r, plan, cfg, cases, results, events),
+                         name=f"bench-rpc-w{r}", daemon=True) for r in range(WORLD_SIZE)]
+    for p in procs:
+        p.start()
+    report = {"cases": {b: {} for b in order}, "phases": {b: {} for b in order}, "errors": []}
+    exited = set()
+    deadline = time.monotonic() + total_timeout
+    try:
+        while len(exited) < WORLD_SIZE:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                report["errors"].append(f"benchmark did not finish within {total_timeout:.0f} s")
+                break
+            try:
+                msg = results.get(timeout=min(left, 1.0))
+            except queue_mod.Empty:
+                dead = [p for r, p in enumerate(procs) if r not in exited and not p.is_alive()]
+                if dead:
+                    # Give the queue a moment: a process's last messages may still be in flight.
+                    try:
+                        msg = results.get(timeout=2.0)
+                    except queue_mod.Empty:
+                        for p in dead:
+                            report["errors"].append(
+                                f"{p.name} died (exit code {p.exitcode}) before finishing")
+                        break
+                else:
+                    continue
+            if msg[0] == "exit":
+                exited.add(msg[1])
+            elif msg[0] == "case":
+                _, backend, name, status, values, detail, secs = msg
+                report["cases"][backend][name] = {"status": status, "values": values,
+                                                  "detail": detail, "seconds": round(secs, 2)}
+                mark = {"ok": "", "skipped": " (skipped)", "error": " (ERROR)"}[status]
+                print(f"  [{backend}] {name}: {secs:.1f} s{mark}", file=sys.stderr, flush=True)
+                if status == "error":
+                    print(detail, file=sys.stderr, flush=True)
+            elif msg[0] == "phase":
+                _, backend, status, info, detail = msg
+                report["phases"][backend].update(info, status=status)
+                if status == "error":
+                    report["errors"].append(f"{backend} phase failed on rank {info['rank']}:\n{detail}")
+                    print(f"  [{backend}] phase FAILED on rank {info['rank']}:\n{detail}",
+                          file=sys.stderr, flush=True)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+        for p in procs:
+            if p.is_alive():
+                report["errors"].append(f"{p.name} did not exit; terminated")
+                p.terminate()
+                p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+    return report
+
+
+# ---------------------------------------------------------------------------
+# Report
+
+
+def _fmt(v: Optional[float], unit: str) -> str:
+    if v is None:
+        return "-"
+    if unit == "calls/s":
+        return f"{v:,.0f}"
+    if v >= 100:
+        return f"{v:.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def summarize(report: dict) -> List[dict]:
+    rows = []
+    for case in CASES:
+        subj = report["cases"].get(SUBJECT, {}).get(case.name)
+        anch = report["cases"].get(ANCHOR, {}).get(case.name)
+        if subj is None and anch is None:
+            continue
+        for m in case.metrics:
+            s = (subj or {}).get("values", {}).get(m.key)
+            a = (anch or {}).get("values", {}).get(m.key)
+            ratio = s / a if s is not None and a else None
+            meets = None
+            if ratio is not None and m.target is not None:
+                meets = ratio <= m.target if m.better == "lower" else ratio >= m.target
+            rows.append({
+                "case": case.name, "description": case.description, "metric": m.key,
+                "unit": m.unit, "better": m.better, SUBJECT: s, ANCHOR: a,
+                "ratio": ratio, "target": m.target, "meets_target": meets, "show": m.show,
+                "status": {SUBJECT: (subj or {}).get("status"), ANCHOR: (anch or {}).get("status")},
+            })
+    return rows
+
+
+def print_table(rows: List[dict]):
+    head = ["case", "metric", "torchrpc", "TensorPipe", "ratio torchrpc/TP", "target"]
+    lines = []
+    for r in rows:
+        if not r["show"]:
+            continue
+        metric = f"{r['metric']} ({r['unit']})"
+        if r["ratio"] is None:
+            ratio = "-"
+        else:
+            ratio = f"{r['ratio']:.2f}x ({r['better']} better)"
+        if r["target"] is None:
+            target = ""
+        else:
+            op = "<=" if r["better"] == "lower" else ">="
+            target = f"{op} {r['target']:.1f}x " + ("ok" if r["meets_target"] else "MISSED")
+        lines.append([r["case"], metric, _fmt(r[SUBJECT], r["unit"]),
+                      _fmt(r[ANCHOR], r["unit"]), ratio, target])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    fmt = "  ".join("{:<%d}" % w if i < 2 or i >= 4 else "{:>%d}" % w
+                    for i, w in enumerate(widths))
+    print(fmt.format(*head))
+    print("  ".join("-" * w for w in widths))
+    for line in lines:
+        print(fmt.format(*line))
+    print("ratio = torchrpc / TensorPipe. Latencies: lower is better (0.50x = twice as fast).")
+    print("Throughput (calls/s): higher is better (2.00x = twice the calls per second).")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short run (CI smoke test)")
+    ap.add_argument("--out", default=DEFAULT_OUT, help="JSON results path")
+    ap.add_argument("--order", default="torchrpc,tensorpipe",
+                    help="comma-separated backends, in the order they run")
+    ap.add_argument("--cases", default=",".join(c.name for c in CASES),
+                    help="comma-separated case names to run")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="seconds before the whole run is abandoned (default 120 quick, 600 full)")
+    args = ap.parse_args(argv)
+
+    cfg = Config.make(args.quick)
+    order = [b.strip() for b in args.order.split(",") if b.strip()]
+    for b in order:
+        if b not in BACKENDS:
+            ap.error(f"unknown backend {b!r} (choose from {', '.join(BACKENDS)})")
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    known = {c.name for c in CASES}
+    for c in cases:
+        if c not in known:
+            ap.error(f"unknown case {c!r} (choose from {', '.join(sorted(known))})")
+    total_timeout = args.timeout or (120.0 if args.quick else 600.0)
+    cfg.phase_timeout = total_timeout
+
+    print(f"bench_rpc: {'quick' if args.quick else 'full'} run, backends {order}, "
+          f"torch {torch.__version__}, {os.cpu_count()} CPUs", file=sys.stderr, flush=True)
+    t0 = time.monotonic()
+    report = run(cfg, order, cases, total_timeout)
+    elapsed = time.monotonic() - t0
+    rows = summarize(report)
+
+    print()
+    print_table(rows)
+    failed = [f"{b}/{n}" for b, cs in report["cases"].items()
+              for n, c in cs.items() if c["status"] == "error"]
+    missing = [f"{b}/{n}" for b in order for n in cases if n not in report["cases"][b]]
+    print(f"\nelapsed {elapsed:.1f} s")
+
+    doc = {
+        "benchmark": "rpc",
+        "mode": "quick" if args.quick else "full",
+        "subject": SUBJECT,
+        "anchor": ANCHOR,
+        "anchor_options": "torch.distributed.rpc TensorPipe backend, default options",
+        "order": order,
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items()},
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+        },
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "elapsed_s": round(elapsed, 1),
+        "rows": [{k: v for k, v in r.items() if k != "show"} for r in rows],
+        "raw": report["cases"],
+        "phases": report["phases"],
+        "errors": report["errors"] + [f"case failed: {f}" for f in failed]
+        + [f"case missing: {m}" for m in missing],
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(doc, f, indent=2)
+    print(f"wrote {args.out}")
+
+    if doc["errors"]:
+        print("\nFAILED:", file=sys.stderr)
+        for e in doc["errors"]:
+            print(f"  {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
