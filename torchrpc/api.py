@@ -8,6 +8,7 @@ from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 
+import scripted_ops
 from torchrpc import _C, python_udf, rendezvous
 from torchrpc.errors import (
     FunctionNotFoundError,
@@ -109,6 +110,8 @@ def init_rpc(
         )
         # Ready to serve before anyone can learn our address.
         agent.set_python_handler(python_udf.run_python_call)
+        for fn in scripted_ops.ALL:
+            agent.register_function(fn.qualified_name, fn)
         for qualified_name, fn in _registered.items():
             agent.register_function(qualified_name, fn)
         try:
@@ -125,6 +128,7 @@ def init_rpc(
         state.python_udf = [w["python_udf"] for w in infos]
         state.self_info = state.workers[rank]
         _state = state
+        _C.set_current_agent(agent)
 
 
 def shutdown(graceful: bool = True, timeout: Optional[float] = None):
@@ -149,6 +153,7 @@ def shutdown(graceful: bool = True, timeout: Optional[float] = None):
             ok = state.agent.wait_until_idle(timeout)
             ok = rendezvous.barrier(state.store, "torchrpc/shutdown/1", n, timeout) and ok
     finally:
+        _C.set_current_agent(None)
         state.agent.shutdown()
     if graceful:
         # Rank 0 hosts the store: it leaves only after every worker has left

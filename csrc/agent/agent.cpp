@@ -2,6 +2,7 @@
 
 #include <torch/csrc/jit/runtime/jit_exception.h>
 
+#include "agent/current_agent.h"
 #include "agent/tcp_transport.h"
 #include "messages/control.h"
 #include "messages/python_call.h"
@@ -383,6 +384,27 @@ void Agent::shutdown() {
   transport_->shutdown();
   pool_->stop();
   failPending([](const Pending&) { return true; }, ErrorKind::kShutdown, "RPC was shut down");
+}
+
+}  // namespace torchrpc
+
+namespace torchrpc {
+namespace {
+std::mutex currentMu;
+std::shared_ptr<Agent> current;
+}  // namespace
+
+void setCurrentAgent(std::shared_ptr<Agent> agent) {
+  std::lock_guard<std::mutex> g(currentMu);
+  current = std::move(agent);
+}
+
+std::shared_ptr<Agent> currentAgent() {
+  std::lock_guard<std::mutex> g(currentMu);
+  if (!current || !current->running()) {
+    throw RpcError(ErrorKind::kShutdown, "torchrpc: RPC is not running (call torchrpc.init_rpc first)");
+  }
+  return current;
 }
 
 }  // namespace torchrpc

@@ -24,6 +24,7 @@
 #include "agent/function_registry.h"
 #include "agent/thread_pool.h"
 #include "agent/transport.h"
+#include "ops/param_store.h"
 
 namespace torchrpc {
 
@@ -64,6 +65,7 @@ class Agent {
   const std::vector<WorkerInfo>& workers() const { return workers_; }
   const AgentOptions& options() const { return options_; }
   FunctionRegistry& registry() { return registry_; }
+  ParamStore& params() { return params_; }
   void setPythonCallHandler(PythonCallHandler handler) { pythonHandler_ = std::move(handler); }
 
   // Sends a request; the future completes with the response's value.
@@ -107,6 +109,7 @@ class Agent {
   AgentOptions options_;
   std::vector<WorkerInfo> workers_;
   FunctionRegistry registry_;
+  ParamStore params_;
   PythonCallHandler pythonHandler_;
   std::atomic<bool> stopped_{false};
   std::atomic<int64_t> nextMessageId_{1};

@@ -5,7 +5,7 @@
 #include <torch/csrc/jit/python/pybind_utils.h>
 #include <torch/extension.h>
 
-#include "agent/agent.h"
+#include "agent/current_agent.h"
 #include "messages/control.h"
 #include "messages/python_call.h"
 
@@ -179,6 +179,8 @@ void initAgentBindings(py::module_& m) {
       .def("wait_until_idle", &Agent::waitUntilIdle, py::call_guard<py::gil_scoped_release>())
       .def("shutdown", &Agent::shutdown, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("running", &Agent::running);
+  m.def("set_current_agent", &setCurrentAgent, py::arg("agent").none(true),
+        "Makes `agent` the one torch.ops.torchrpc uses (None clears it).");
 }
 
 }  // namespace torchrpc

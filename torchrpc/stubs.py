@@ -1,0 +1,86 @@
+"""Typed calls for TorchScript code.
+
+`torch.ops.torchrpc.rpc_sync(to, name, args, timeout)` returns `Any`, which
+TorchScript callers would have to refine by hand after every call. A stub is
+generated from the remote function's schema instead: it takes `to` plus the
+function's own parameters (so the TorchScript compiler checks every call
+site) and returns the declared type.
+
+    add_stub = torchrpc.stub(scripted_ops.add)
+
+    @torch.jit.script
+    def f(x: Tensor) -> Tensor:
+        fut = add_stub.rpc_async("w1", x, x)   # Future[Any]
+        y = add_stub.wait(fut)                 # Tensor
+        return add_stub.rpc_sync("w1", y, x)   # Tensor
+"""
+
+import types
+
+import torch
+
+__all__ = ["stub", "Stub"]
+
+_SIMPLE_DEFAULTS = (bool, int, float, str, type(None))
+
+
+class Stub(types.ModuleType):
+    """Three ScriptFunctions for one remote function: rpc_sync, rpc_async, wait.
+
+    A module type on purpose: TorchScript resolves attributes of Python
+    modules at compile time, and of no other plain Python object.
+    """
+
+    def __init__(self, rpc_sync, rpc_async, wait, qualified_name):
+        super().__init__(f"torchrpc_stub.{qualified_name}")
+        self.rpc_sync = rpc_sync
+        self.rpc_async = rpc_async
+        self.wait = wait
+        self.qualified_name = qualified_name
+
+
+def _params(schema):
+    params, names = [], []
+    for arg in schema.arguments:
+        text = f"{arg.name}: {arg.type.annotation_str}"
+        if arg.has_default_value() and isinstance(arg.default_value, _SIMPLE_DEFAULTS):
+            text += f" = {arg.default_value!r}"
+        params.append(text)
+        names.append(arg.name)
+    return params, names
+
+
+def stub(fn, qualified_name=None, schema=None) -> Stub:
+    """A typed Stub for a TorchScript function (or a name plus its schema)."""
+    if schema is None:
+        schema = fn.schema
+        qualified_name = fn.qualified_name
+    returns = schema.returns
+    if len(returns) == 0:
+        ret = "None"
+    elif len(returns) == 1:
+        ret = returns[0].type.annotation_str
+    else:
+        ret = "Tuple[" + ", ".join(r.type.annotation_str for r in returns) + "]"
+    params, names = _params(schema)
+    # Defaulted parameters must follow the others, and so must timeout.
+    sig = ", ".join(["to: str"] + params + ["timeout: float = -1.0"])
+    args = ", ".join(names)
+    refine = (
+        "    return None\n"
+        if ret == "None"
+        else f"    assert torch.jit.isinstance(r, {ret})\n    return r\n"
+    )
+    source = (
+        f"def rpc_sync({sig}) -> {ret}:\n"
+        f"    args: List[Any] = [{args}]\n"
+        f"    r = torch.ops.torchrpc.rpc_sync(to, {qualified_name!r}, args, timeout)\n"
+        + refine
+        + f"def rpc_async({sig}) -> Future[Any]:\n"
+        f"    args: List[Any] = [{args}]\n"
+        f"    return torch.ops.torchrpc.rpc_async(to, {qualified_name!r}, args, timeout)\n"
+        f"def wait(fut: Future[Any]) -> {ret}:\n"
+        f"    r = fut.wait()\n" + refine
+    )
+    cu = torch.jit.CompilationUnit(source)
+    return Stub(cu.rpc_sync, cu.rpc_async, cu.wait, qualified_name)
