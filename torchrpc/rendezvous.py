@@ -95,6 +95,8 @@ def barrier(store, key: str, world_size: int, timeout: float, wait: bool = True)
     Returns False if the timeout passed or the store went away first.
     """
     try:
+        # A store whose host died must fail fast, not retry for init_timeout.
+        store.set_timeout(timedelta(seconds=min(timeout, 5.0)))
         count = store.add(key, 1)
         deadline = time.monotonic() + timeout
         while wait and count < world_size and time.monotonic() < deadline:

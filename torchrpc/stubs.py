@@ -15,6 +15,12 @@ site) and returns the declared type.
         return add_stub.rpc_sync("w1", y, x)   # Tensor
 """
 
+import hashlib
+import importlib.util
+import os
+import re
+import sys
+import tempfile
 import types
 
 import torch
@@ -82,5 +88,38 @@ def stub(fn, qualified_name=None, schema=None) -> Stub:
         f"def wait(fut: Future[Any]) -> {ret}:\n"
         f"    r = fut.wait()\n" + refine
     )
-    cu = torch.jit.CompilationUnit(source)
-    return Stub(cu.rpc_sync, cu.rpc_async, cu.wait, qualified_name)
+    module = _load_source(qualified_name, source)
+    return Stub(
+        torch.jit.script(module.rpc_sync),
+        torch.jit.script(module.rpc_async),
+        torch.jit.script(module.wait),
+        qualified_name,
+    )
+
+
+def _load_source(qualified_name, source):
+    """Imports generated source from a real file.
+
+    torch.jit.CompilationUnit would compile it too, but functions compiled that
+    way are not written out by torch.jit.save: a module calling them could not
+    be loaded elsewhere. Functions scripted from an importable module are.
+    """
+    header = "from typing import Any, Dict, List, Optional, Tuple\nimport torch\n"
+    header += "from torch import Tensor\nfrom torch.jit import Future\n\n"
+    text = header + source
+    digest = hashlib.sha1(text.encode()).hexdigest()[:10]
+    name = "torchrpc_stub_" + re.sub(r"\W", "_", qualified_name) + "_" + digest
+    if name in sys.modules:
+        return sys.modules[name]
+    folder = os.path.join(tempfile.gettempdir(), f"torchrpc_stubs_{os.getuid()}")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name + ".py")
+    tmp = f"{path}.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)  # atomic: concurrent workers never read half a file
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
