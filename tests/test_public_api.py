@@ -1,0 +1,34 @@
+"""Pins the public API: a change here is a change users see."""
+
+import torchrpc
+import torchrpc.messages
+import torchrpc.stubs
+
+
+def test_public_names():
+    assert sorted(torchrpc.__all__) == sorted(
+        [
+            "RpcOptions", "WorkerInfo", "init_rpc", "shutdown", "rpc_sync", "rpc_async",
+            "register", "script", "get_worker_info",
+            "RpcError", "DecodeError", "RpcTimeoutError", "RemoteError", "PeerLostError",
+            "RpcShutdownError", "ArgumentError", "FunctionNotFoundError",
+            "PythonCallDisabledError",
+        ]
+    )
+    for name in torchrpc.__all__:
+        assert hasattr(torchrpc, name), name
+    assert torchrpc.stubs.__all__ == ["stub", "Stub"]
+
+
+def test_error_hierarchy():
+    assert issubclass(torchrpc.RpcTimeoutError, TimeoutError)
+    assert issubclass(torchrpc.ArgumentError, TypeError)
+    assert issubclass(torchrpc.PeerLostError, ConnectionError)
+    for name in torchrpc.errors.__all__:
+        assert issubclass(getattr(torchrpc, name), torchrpc.RpcError)
+
+
+def test_message_types_are_numbered_and_complete():
+    values = [int(t) for t in torchrpc.messages.MessageType]
+    assert values == list(range(1, len(values) + 1))
+    assert set(torchrpc.messages.MESSAGE_CLASSES) == set(torchrpc.messages.MessageType)
