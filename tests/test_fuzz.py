@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import torchrpc
 from torchrpc import messages
-from torchrpc.testing import HEADER, FrameParts, join_frame, split_frame, tensors_in
+from torchrpc.testing import HEADER, join_frame, split_frame, tensors_in
 from torchrpc.testing import messages as any_message
 
 FUZZ = settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
@@ -41,15 +41,17 @@ def sample_frames():
     """A few valid frames that together use every section of the format:
     shared, strided and offset views, nested containers, wrapped messages."""
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
-    args = (base, base.t(), base[1:, ::2], base.view(torch.uint8), torch.tensor(3, dtype=torch.int16),
-            [1, -(2**63)], {"k": (float("nan"), "ü", None)}, [torch.ones(2, dtype=torch.bool)], 1.5j)
+    args = (base, base.t(), base[1:, ::2], base.view(torch.uint8),
+            torch.tensor(3, dtype=torch.int16), [1, -(2**63)], {"k": (float("nan"), "ü", None)},
+            [torch.ones(2, dtype=torch.bool)], 1.5j)
     call = messages.ScriptCall(qualified_name="m.f", args=args, is_async=False, id=5)
     pickled = torch.arange(16, dtype=torch.uint8)
     return [
         call.encode(),
         messages.ForwardAutogradReq(from_worker_id=1, context_id=2, message_id=3,
                                     device_map={"cpu": "cpu"}, wrapped=call).encode(),
-        messages.PythonCall(pickled=pickled[::2], tensors=[base[0], pickled], is_async=True).encode(),
+        messages.PythonCall(pickled=pickled[::2], tensors=[base[0], pickled],
+                            is_async=True).encode(),
         messages.BackwardAutogradReq(context_id=1, message_id=2, from_worker_id=3,
                                      grads=[base.detach().requires_grad_(), base[2:]]).encode(),
         messages.RunWithProfilingResp(profiled_events="[]", profiling_key=(1, 2),
@@ -126,38 +128,29 @@ def resealed_header(frame, rng):
     return join_frame(parts)
 
 
-MUTATORS = (truncate, flip_bits, random_bytes, resealed_payload, resealed_descriptors, resealed_header)
+MUTATORS = (truncate, flip_bits, random_bytes, resealed_payload, resealed_descriptors,
+            resealed_header)
 
 
 def mutate(frame: bytes, rng: random.Random) -> bytes:
     return rng.choice(MUTATORS)(frame, rng)
 
 
-# (exception class, message start) that known C++ bugs raise instead of
-# DecodeError. Each has its own strict xfail test below and leaves this list
-# when that test starts passing.
-KNOWN_BUGS = [
-    (UnicodeDecodeError, ""),  # test_invalid_utf8_raises_decode_error
-    (RuntimeError, "numel: integer multiplication overflow"),  # test_numel_overflow_raises_decode_error
-]
 
 
 def check_decode(data: bytes):
-    """Decodes `data`; DecodeError (or a KNOWN_BUGS exception) gives None, any
+    """Decodes `data`; DecodeError gives None, any
     other exception propagates. A decoded message's tensors must lie inside
     their storages."""
     try:
         decoded = messages.decode(data)
     except torchrpc.DecodeError:
         return None
-    except Exception as e:
-        if any(isinstance(e, cls) and str(e).startswith(text) for cls, text in KNOWN_BUGS):
-            return None
-        raise
     for t in tensors_in(decoded):
         if t.numel():
             last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
-            assert (last + 1) * t.element_size() <= t.untyped_storage().nbytes(), "view past storage"
+            end = (last + 1) * t.element_size()
+            assert end <= t.untyped_storage().nbytes(), "view past its storage"
             if t.numel() <= 1 << 16:  # stride-0 views may be huge; the bound check covers them
                 t.detach().clone(memory_format=torch.contiguous_format)  # reads every element
     return decoded
@@ -225,9 +218,6 @@ def test_resealed_value_tags(value_tag):
         check_decode(join_frame(parts._replace(payload=payload)))
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeDecodeError, reason=(
-    "C++ bug: strings are not checked to be UTF-8 when decoded (Reader::bytes), so "
-    "fieldsToPython's conversion to str raises UnicodeDecodeError, not DecodeError"))
 def test_invalid_utf8_raises_decode_error():
     parts = split_frame(messages.ScriptRet(value="a").encode())
     corrupt = join_frame(parts._replace(payload=parts.payload.replace(b"a", b"\xff")))
@@ -235,25 +225,20 @@ def test_invalid_utf8_raises_decode_error():
         messages.decode(corrupt)
 
 
-def _with_descriptor(frame: bytes, sizes, strides, dtype=torch.float32) -> bytes:
+def _with_float_descriptor(frame: bytes, sizes, strides) -> bytes:
     """`frame` (one storage, one tensor) with its tensor descriptor rewritten, resealed."""
     parts = split_frame(frame)
-    dtype_code = {torch.float32: 6}[dtype]  # c10::ScalarType::Float
-    descriptors = parts.descriptors[:8] + struct.pack("<IBBBBQ", 0, dtype_code, len(sizes), 0, 0, 0)
+    float32 = 6  # c10::ScalarType::Float
+    descriptors = parts.descriptors[:8] + struct.pack("<IBBBBQ", 0, float32, len(sizes), 0, 0, 0)
     descriptors += struct.pack(f"<{2 * len(sizes)}q", *sizes, *strides)
     parts.header[DESCRIPTORS] = len(descriptors)
     return join_frame(parts._replace(descriptors=descriptors))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "C++ bug: readFrame bounds-checks each view's extent but not its element count; "
-    "sizes [2**62, 2**62] with strides [0, 0] pass, then Tensor::set_ throws c10::Error "
-    "'numel: integer multiplication overflow', which frameFromBytes does not turn into "
-    "a DecodeError"))
 def test_numel_overflow_raises_decode_error():
     frame = messages.ScriptRet(value=torch.zeros(1)).encode()
     with pytest.raises(torchrpc.DecodeError):
-        messages.decode(_with_descriptor(frame, [2**62, 2**62], [0, 0]))
+        messages.decode(_with_float_descriptor(frame, [2**62, 2**62], [0, 0]))
 
 
 def test_header_checksum_layout():
@@ -266,25 +251,28 @@ def test_header_checksum_layout():
 # Memory: run in a child with an address-space limit, so that an allocation
 # a lying header asks for fails loudly there instead of eating this machine.
 
+_TESTS = os.path.dirname(os.path.abspath(__file__))
 _CHILD_PRELUDE = """
 import json, random, re, resource, sys
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {root!r}]
 import torch, torchrpc
 from torchrpc import messages
-from torchrpc.testing import HEADER, FrameParts, join_frame, split_frame
 import test_fuzz
 
 def status(key):
     return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) << 10
 
 # torch maps a lot of address space at import: limit relative to what is mapped now.
-resource.setrlimit(resource.RLIMIT_AS, (status("VmSize") + (512 << 20), resource.RLIM_INFINITY))
+hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+resource.setrlimit(resource.RLIMIT_AS, (status("VmSize") + (512 << 20), hard))
 """
 
 
-def run_child(body: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    code = _CHILD_PRELUDE.format(tests=os.path.dirname(__file__)) + textwrap.dedent(body)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+def run_child(body: str, stdin: str = "", timeout: int = 120) -> subprocess.CompletedProcess:
+    root = os.path.dirname(_TESTS)
+    code = _CHILD_PRELUDE.format(tests=_TESTS, root=root) + textwrap.dedent(body)
+    return subprocess.run([sys.executable, "-c", code], input=stdin, capture_output=True,
+                          text=True, timeout=timeout, cwd=root)
 
 
 def test_many_corrupt_frames_in_a_memory_limited_child():
@@ -305,15 +293,35 @@ def test_many_corrupt_frames_in_a_memory_limited_child():
     assert outcomes["rejected"] > 1000 and outcomes["decoded"] > 0, outcomes
 
 
-# A Heartbeat's 48-byte header claiming far more than the frame holds. Each case
-# must raise DecodeError and raise the child's peak RSS by under 16 MiB.
+def _claiming(fields: dict) -> bytes:
+    """A resealed Heartbeat frame whose header claims `fields` ({index: value})
+    but which holds nothing more than a Heartbeat, except 8 descriptor bytes
+    (one 1 TiB storage size) when it claims 8 descriptor bytes."""
+    parts = split_frame(messages.Heartbeat(id=1).encode())
+    for index, value in fields.items():
+        parts.header[index] = value
+    descriptors = (1 << 40).to_bytes(8, "little") if fields.get(DESCRIPTORS) == 8 else b""
+    return join_frame(parts._replace(descriptors=descriptors))
+
+
+def _list_claiming_4g_items() -> bytes:
+    """A ScriptRet whose List[int] payload claims 2**32 - 1 elements (has 1)."""
+    parts = split_frame(messages.ScriptRet(value=[7]).encode())
+    # u32 count 1, then kVInt (2) and the int 7: the list's length and first element.
+    payload = parts.payload.replace(b"\x01\0\0\0\x02\x07", b"\xff\xff\xff\xff\x02\x07")
+    return join_frame(parts._replace(payload=payload))
+
+
+# Small frames that claim far more than they hold. Each must raise DecodeError
+# and raise the decoding process's peak RSS by under 16 MiB.
 _CLAIMS = {
-    "payload": {PAYLOAD: (1 << 30) - 8},
-    "descriptors": {DESCRIPTORS: (1 << 30) - 8},
-    "tensors": {TENSORS: 1 << 20},
-    "storages": {TENSORS: 1 << 20, STORAGES: 1 << 20},
-    "storage_bytes": {STORAGES: 1, TENSORS: 1, DESCRIPTORS: 8, STORAGE_BYTES: 1 << 40},
-    "list_length": "list",
+    "payload": lambda: _claiming({PAYLOAD: (1 << 30) - 8}),
+    "descriptors": lambda: _claiming({DESCRIPTORS: (1 << 30) - 8}),
+    "tensors": lambda: _claiming({TENSORS: 1 << 20}),
+    "storages": lambda: _claiming({TENSORS: 1 << 20, STORAGES: 1 << 20}),
+    "storage_bytes": lambda: _claiming({STORAGES: 1, TENSORS: 1, DESCRIPTORS: 8,
+                                        STORAGE_BYTES: 1 << 40}),
+    "list_length": _list_claiming_4g_items,
 }
 
 
@@ -323,62 +331,36 @@ def claim_results():
 
 
 def lying_header_outcomes():
-    """{claim: {"error": "Class: message" or None, "peak_growth": bytes}}, from one child."""
+    """{claim: {"error": "Class: message" or None, "peak_growth": bytes}},
+    decoded in one memory-limited child."""
+    frames = {name: make().hex() for name, make in _CLAIMS.items()}
     result = run_child("""
-        frame = messages.Heartbeat(id=1).encode()
-        parts = split_frame(frame)
         out = {}
-        for name, claim in CLAIMS.items():
-            if claim == "list":
-                # A ScriptRet holding a List[int] that claims 2**32 - 1 elements.
-                p = split_frame(messages.ScriptRet(value=[7]).encode())
-                payload = p.payload.replace(b"\\x01\\x00\\x00\\x00\\x02\\x07", b"\\xff\\xff\\xff\\xff\\x02\\x07")
-                data = join_frame(p._replace(payload=payload))
-            else:
-                header = list(parts.header)
-                for field, value in claim.items():
-                    header[int(field)] = value
-                descriptors = (1 << 40).to_bytes(8, "little") if "storage_bytes" == name else b""
-                data = join_frame(FrameParts(header, parts.payload, descriptors, b""))
-            open("/proc/self/clear_refs", "w").write("5")  # reset the peak RSS
+        for name, frame in json.loads(sys.stdin.read()).items():
+            open("/proc/self/clear_refs", "w").write("5")  # resets the peak RSS (VmHWM)
             before = status("VmHWM")
             try:
-                messages.decode(data)
+                messages.decode(bytes.fromhex(frame))
                 error = None
             except Exception as e:
                 error = type(e).__name__ + ": " + str(e)[:200]
             out[name] = {"error": error, "peak_growth": status("VmHWM") - before}
         print(json.dumps(out))
-    """.replace("CLAIMS", json.dumps({k: v if isinstance(v, str) else {str(f): n for f, n in v.items()}
-                                      for k, v in _CLAIMS.items()})))
+    """, stdin=json.dumps(frames))
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-_ALLOCATES = {
-    "payload": "C++ bug: readFrame resizes the payload to the header's payloadBytes (up to 1 GiB) "
-               "before reading it, though MemorySource::remainingBound() knows only 0 bytes remain; "
-               "under RLIMIT_AS this is std::bad_alloc -> MemoryError, without it 1 GiB is zero-filled",
-    "descriptors": "C++ bug: as for payload, `std::string descriptors(h.descriptorBytes)` is "
-                   "allocated before the bytes are known to exist",
-    "tensors": "C++ bug: readFrame builds `std::vector<View> views(h.tensorCount)` (~64 MiB for "
-               "2**20 tensors) before reading a single descriptor, from a 48-byte frame",
-}
 
 
 @pytest.mark.parametrize("claim", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=_ALLOCATES[name]))
-    if name in _ALLOCATES else name for name in _CLAIMS])
+    name for name in _CLAIMS])
 def test_lying_header_raises_without_allocating(claim, claim_results):
     outcome = claim_results[claim]
     assert outcome["error"] and outcome["error"].startswith("DecodeError"), outcome
     assert outcome["peak_growth"] < 16 << 20, f"peak RSS grew {outcome['peak_growth'] >> 20} MiB"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "C++ bug: encodeFrame aligns an empty slice's start down to 16 bytes, turning the "
-    "empty view torch.empty(2, 0)[1:] (storage_offset 1, 0-byte storage) into a 4-byte "
-    "chunk read from the storage's null data pointer: segfault in frameToBytes"))
 def test_empty_view_past_an_empty_storage():
     result = run_child("""
         view = torch.empty(2, 0)[1:]

@@ -108,24 +108,16 @@ def test_empty_containers_keep_their_element_type():
     call = messages.ScriptCall(qualified_name="f", args=([], {}, [None]), is_async=True,
                                types={"args": arg_type})
     decoded = roundtrip(call)
-    assert decoded.types["args"] == "Tuple[List[int], Dict[int, List[float]], List[Optional[Tensor]]]"
+    expected = "Tuple[List[int], Dict[int, List[float]], List[Optional[Tensor]]]"
+    assert decoded.types["args"] == expected
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "C++ bug: string `types` overrides are parsed with c10::parseType, which yields "
-    "c10::DynamicType that torch::jit::toIValue rejects (ArgumentError 'cannot be sent "
-    "as Dynamic<...>'); a .so built just before HEAD used the schema parser and raised "
-    "RuntimeError 'unknown type specifier'. Either way Python-style strings fail."))
 def test_string_types_override():
     call = messages.ScriptCall(qualified_name="f", args=(1, []), is_async=False,
                                types={"args": "Tuple[int, List[int]]"})
     assert roundtrip(call).types["args"] == "Tuple[int, List[int]]"
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "C++ bug: encode of a ScriptCall whose args is not a tuple reaches "
-    "ScriptCall::fromFields (bindings.cpp wrappedToIValue -> commandFromFields) unchecked, "
-    "and toTupleRef() fails with a c10 INTERNAL ASSERT (RuntimeError), not ArgumentError."))
 def test_non_tuple_args_raise_argument_error():
     with pytest.raises(torchrpc.ArgumentError):
         messages.ScriptCall(qualified_name="f", args=[1, 2], is_async=False).encode()

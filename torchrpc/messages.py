@@ -9,7 +9,10 @@ Tests and tools use these to make frames and read them back:
 """
 
 import enum
+import functools
 from typing import Any, Dict, Optional
+
+import torch
 
 from torchrpc import _C
 
@@ -56,7 +59,8 @@ class Message:
             value = self.fields[name]
             if kind == "Message":
                 value = (int(value.TYPE), value._wire_fields())
-            out.append((value, self.types.get(name)))
+            override = self.types.get(name)
+            out.append((value, _as_jit_type(override) if isinstance(override, str) else override))
         return out
 
     def encode(self) -> bytes:
@@ -66,6 +70,13 @@ class Message:
     def __repr__(self):
         body = ", ".join(f"{k}={v!r}" for k, v in self.fields.items())
         return f"{type(self).__name__}(id={self.id}, {body})"
+
+
+@functools.lru_cache(maxsize=None)
+def _as_jit_type(annotation: str):
+    """The JIT type an annotation string names, parsed by the TorchScript compiler."""
+    cu = torch.jit.CompilationUnit(f"def f(x: {annotation}):\n    return x\n")
+    return cu.f.schema.arguments[0].type
 
 
 def _from_wire(type_value: int, msg_id: int, wire_fields) -> Message:

@@ -52,6 +52,10 @@ void checkFields(const std::vector<c10::IValue>& f, const MessageSpec& spec) {
                   ", expected " + fs.type->annotation_str());
     }
   }
+  if ((spec.type == MessageType::kScriptCall || spec.type == MessageType::kScriptRemoteCall) &&
+      !f[1].isTuple()) {
+    throwDecode(spec.className + ".args is not a tuple");
+  }
 }
 
 std::vector<MessageSpec> buildSpecs() {
@@ -179,12 +183,7 @@ std::vector<c10::IValue> decodeFields(const Message& message, MessageType expect
     throwDecode(std::string("payload: ") + e.what());
   }
   if (r.remaining() != 0) throwDecode("trailing bytes after the payload's fields");
-  const MessageSpec& spec = specFor(expected);
-  checkFields(f, spec);
-  if ((expected == MessageType::kScriptCall || expected == MessageType::kScriptRemoteCall) &&
-      !f[1].isTuple()) {
-    throwDecode(spec.className + ".args is not a tuple");
-  }
+  checkFields(f, specFor(expected));
   return f;
 }
 

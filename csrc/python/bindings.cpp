@@ -2,7 +2,6 @@
 // the agent (agent_bindings), and the translation of RpcError into the
 // Python exception classes defined in torchrpc/errors.py.
 
-#include <torch/csrc/jit/mobile/type_parser.h>
 #include <torch/csrc/jit/python/pybind_utils.h>
 #include <torch/extension.h>
 
@@ -14,9 +13,6 @@ namespace py = pybind11;
 
 namespace torchrpc {
 namespace {
-
-// Python-style annotations, as TypePtr::annotation_str() writes them.
-c10::TypePtr parseTypeString(const std::string& s) { return c10::parseType(s); }
 
 c10::IValue fieldToIValue(const FieldSpec& spec, py::handle value, py::handle typeOverride);
 
@@ -35,17 +31,20 @@ c10::IValue wrappedToIValue(py::handle obj) {
     auto item = items[i].cast<py::tuple>();
     fields.push_back(fieldToIValue(spec.fields[i], item[0], item[1]));
   }
-  // Round through the class so its constructor sees the fields.
-  return wrapCommand(commandFromFields(type, std::move(fields)));
+  // Round through the class (checking the fields first) so its constructor sees them.
+  c10::IValue wrapped(c10::ivalue::Tuple::create(
+      c10::IValue(static_cast<int64_t>(type)), c10::IValue(c10::ivalue::Tuple::create(std::move(fields)))));
+  try {
+    return wrapCommand(unwrapCommand(wrapped));
+  } catch (const RpcError& e) {
+    throw RpcError(ErrorKind::kArgument, e.what());
+  }
 }
 
 c10::IValue fieldToIValue(const FieldSpec& spec, py::handle value, py::handle typeOverride) {
   if (spec.isWrappedCommand) return wrappedToIValue(value);
   c10::TypePtr type = spec.type;
-  if (!typeOverride.is_none()) {
-    type = py::isinstance<py::str>(typeOverride) ? parseTypeString(typeOverride.cast<std::string>())
-                                                 : typeOverride.cast<c10::TypePtr>();
-  }
+  if (!typeOverride.is_none()) type = typeOverride.cast<c10::TypePtr>();
   try {
     return torch::jit::toIValue(value, type);
   } catch (const std::exception& e) {

@@ -169,7 +169,11 @@ EncodedFrame encodeFrame(const Message& m) {
   Writer d(f.descriptors);
   uint64_t storageBytes = 0;
   for (Slice& s : slices) {
-    s.start -= s.start % kSliceAlign;
+    if (s.end == s.start) {
+      s.start = s.end = 0;  // only empty views: send nothing (data may be null)
+    } else {
+      s.start -= s.start % kSliceAlign;
+    }
     d.u64(s.end - s.start);
     storageBytes += s.end - s.start;
   }
@@ -207,11 +211,34 @@ EncodedFrame encodeFrame(const Message& m) {
   return f;
 }
 
+namespace {
+Message readFrameUnchecked(ByteSource& src, const FrameLimits& limits);
+}  // namespace
+
 Message readFrame(ByteSource& src, const FrameLimits& limits) {
+  try {
+    return readFrameUnchecked(src, limits);
+  } catch (const RpcError&) {
+    throw;
+  } catch (const std::exception& e) {
+    throwDecode(e.what());
+  }
+}
+
+namespace {
+Message readFrameUnchecked(ByteSource& src, const FrameLimits& limits) {
   std::array<char, kFrameHeaderBytes> headerBytes;
   src.readExact(headerBytes.data(), kFrameHeaderBytes);
   Header h = parseHeader(headerBytes.data(), limits);
 
+  if (static_cast<uint64_t>(h.payloadBytes) + h.descriptorBytes > src.remainingBound()) {
+    throwDecode("frame claims " + std::to_string(h.payloadBytes + uint64_t{h.descriptorBytes}) +
+                " payload bytes but only " + std::to_string(src.remainingBound()) + " remain");
+  }
+  // Each storage takes 8 descriptor bytes and each tensor at least 16.
+  if (uint64_t{h.storageCount} * 8 + uint64_t{h.tensorCount} * 16 > h.descriptorBytes) {
+    throwDecode("descriptor section too small for " + std::to_string(h.tensorCount) + " tensors");
+  }
   Message m;
   m.type = static_cast<MessageType>(h.type);
   m.id = h.id;
@@ -277,9 +304,16 @@ Message readFrame(ByteSource& src, const FrameLimits& limits) {
     if (v.offsetBytes % item != 0) throwDecode("tensor " + std::to_string(i) + " is misaligned");
     bool empty = false;
     uint64_t last = 0;
+    uint64_t numel = 1;
     for (uint8_t k = 0; k < ndim; ++k) {
       if (v.sizes[k] < 0 || v.strides[k] < 0) throwDecode("tensor " + std::to_string(i) + " has a negative size or stride");
       if (v.sizes[k] == 0) empty = true;
+    }
+    for (uint8_t k = 0; k < ndim && !empty; ++k) {
+      // Bounded so later arithmetic on the tensor (numel * itemsize) cannot overflow.
+      if (__builtin_mul_overflow(numel, static_cast<uint64_t>(v.sizes[k]), &numel) || numel > (1ull << 48)) {
+        throwDecode("tensor " + std::to_string(i) + " has too many elements");
+      }
     }
     if (!empty) {
       for (uint8_t k = 0; k < ndim; ++k) {
@@ -317,6 +351,7 @@ Message readFrame(ByteSource& src, const FrameLimits& limits) {
   }
   return m;
 }
+}  // namespace
 
 namespace {
 class MemorySource : public ByteSource {

@@ -186,6 +186,21 @@ void encodeAt(const c10::IValue& v, Writer& out, std::vector<at::Tensor>& tensor
   }
 }
 
+// TorchScript strings are UTF-8; Python could not even read anything else.
+bool validUtf8(const std::string& s) {
+  size_t i = 0, n = s.size();
+  while (i < n) {
+    auto c = static_cast<unsigned char>(s[i]);
+    size_t len = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 0;
+    if (len == 0 || i + len > n) return false;
+    for (size_t k = 1; k < len; ++k) {
+      if ((static_cast<unsigned char>(s[i + k]) & 0xC0) != 0x80) return false;
+    }
+    i += len;
+  }
+  return true;
+}
+
 void expectMatch(const c10::IValue& v, const c10::TypePtr& type, const char* where) {
   if (!valueMatchesType(v, type)) {
     throwDecode(std::string(where) + " holds a " + v.type()->annotation_str() + " where " +
@@ -210,7 +225,11 @@ c10::IValue decodeAt(Reader& in, const std::vector<at::Tensor>& tensors, int dep
       double im = in.f64();
       return c10::IValue(c10::complex<double>(re, im));
     }
-    case kVString: return c10::IValue(in.bytes());
+    case kVString: {
+      std::string s = in.bytes();
+      if (!validUtf8(s)) throwDecode("string is not valid UTF-8");
+      return c10::IValue(std::move(s));
+    }
     case kVTensor: {
       uint32_t i = in.u32();
       if (i >= tensors.size()) {
