@@ -105,7 +105,8 @@ def main():
     large_result["decode_GBps"] = LARGE_BYTES / large_result["decode_us"] / 1e3
     large_result.update(decode_owns_its_storage(large.encode()))
     results["copies_by_design"] = {
-        "python_encode": 2, "cpp_transport_encode": 0, "python_decode": 1, "cpp_transport_decode": 1,
+        "python_encode": 2, "cpp_transport_encode": 0,
+        "python_decode": 1, "cpp_transport_decode": 1,
     }
     results["machine"] = {"python": sys.version.split()[0], "torch": torch.__version__,
                           "platform": platform.platform(), "cpus": os.cpu_count(),
@@ -115,8 +116,8 @@ def main():
     print(f"{'case':<28}{'encode':>14}{'decode':>14}{'frame':>14}")
     print(f"{'small SCRIPT_CALL':<28}{s['encode_us']:>11.1f} us{s['decode_us']:>11.1f} us"
           f"{s['frame_bytes']:>8} bytes")
-    print(f"{'64 MiB tensor':<28}{big['encode_us'] / 1e3:>11.2f} ms{big['decode_us'] / 1e3:>11.2f} ms"
-          f"{big['frame_bytes'] >> 20:>9} MiB")
+    print(f"{'64 MiB tensor':<28}{big['encode_us'] / 1e3:>11.2f} ms"
+          f"{big['decode_us'] / 1e3:>11.2f} ms{big['frame_bytes'] >> 20:>9} MiB")
     print(f"{'  as GB/s':<28}{big['encode_GBps']:>14.2f}{big['decode_GBps']:>14.2f}")
     print(f"{'one 64 MiB copy, fresh':<28}{baseline['copy_fresh_us'] / 1e3:>11.2f} ms")
     print(f"{'one 64 MiB copy, warm':<28}{baseline['copy_warm_us'] / 1e3:>11.2f} ms")
