@@ -10,6 +10,7 @@ import torch
 
 import scripted_ops
 from torchrpc import _C, python_udf, rendezvous
+from torchrpc.rref import RRef, _unwrap, _wrap
 from torchrpc.errors import (
     FunctionNotFoundError,
     PythonCallDisabledError,
@@ -27,6 +28,9 @@ __all__ = [
     "register",
     "script",
     "get_worker_info",
+    "remote",
+    "debug_info",
+    "RRef",
 ]
 
 
@@ -109,7 +113,9 @@ def init_rpc(
             options.python_udf, my_host, my_host,
         )
         # Ready to serve before anyone can learn our address.
-        agent.set_python_handler(python_udf.run_python_call)
+        agent.set_python_hooks(
+            python_udf.run_python_call, python_udf.run_python_remote, python_udf.dumps
+        )
         for fn in scripted_ops.ALL:
             agent.register_function(fn.qualified_name, fn)
         for qualified_name, fn in _registered.items():
@@ -144,15 +150,18 @@ def shutdown(graceful: bool = True, timeout: Optional[float] = None):
         state = _state
         if state is None:
             return
-        _state = None
     timeout = state.options.shutdown_timeout if timeout is None else timeout
     n = len(state.workers)
     ok = True
     try:
         if graceful:
+            # Still serving (Python callables and RRef forks need _state) until
+            # every worker has finished its own calls.
             ok = state.agent.wait_until_idle(timeout)
             ok = rendezvous.barrier(state.store, "torchrpc/shutdown/1", n, timeout) and ok
     finally:
+        with _lock:
+            _state = None
         _C.set_current_agent(None)
         state.agent.shutdown()
     if graceful:
@@ -240,6 +249,20 @@ def _schema_for(state: _State, to: int, name: str):
     return state.remote_schemas[key]
 
 
+def _script_target(state, dst, func):
+    """("script", name, schema) or ("builtin", op name, None); None for Python callables."""
+    if isinstance(func, torch.jit.ScriptFunction):
+        return "script", func.qualified_name, func.schema
+    if isinstance(func, str):
+        if "::" in func:
+            return "builtin", func.split(".")[0], None
+        return "script", func, _schema_for(state, dst, func)
+    builtin = _builtin_name(func)
+    if builtin is not None:
+        return "builtin", builtin, None
+    return None
+
+
 def _invoke(to, func, args, kwargs, timeout, sync: bool):
     state = _current()
     dst = _worker_id(state, to)
@@ -247,15 +270,27 @@ def _invoke(to, func, args, kwargs, timeout, sync: bool):
     kwargs = dict(kwargs) if kwargs is not None else {}
     t = _timeout(timeout)
     agent = state.agent
-    if isinstance(func, torch.jit.ScriptFunction):
-        return agent.script_call(dst, func.qualified_name, func.schema, args, kwargs, t, sync)
-    if isinstance(func, str):
-        if "::" in func:
-            return agent.builtin_call(dst, func.split(".")[0], args, kwargs, t, sync)
-        return agent.script_call(dst, func, _schema_for(state, dst, func), args, kwargs, t, sync)
-    builtin = _builtin_name(func)
-    if builtin is not None:
-        return agent.builtin_call(dst, builtin, args, kwargs, t, sync)
+    target = _script_target(state, dst, func)
+    if target is not None:
+        kind, name, schema = target
+        args, kwargs = _unwrap(args), _unwrap(kwargs)
+        if kind == "script":
+            result = agent.script_call(dst, name, schema, args, kwargs, t, sync)
+        else:
+            result = agent.builtin_call(dst, name, args, kwargs, t, sync)
+        if not sync:
+            return result
+        return _wrap(result)
+    _check_python_udf(state, dst, func)
+    pickled, tensors = python_udf.dumps((func, args, kwargs))
+    what = getattr(func, "__qualname__", repr(func))
+    result = agent.python_call(dst, what, pickled, tensors, t, sync)
+    if sync:
+        return python_udf.loads_result(result)
+    return _unpickled(result)
+
+
+def _check_python_udf(state, dst, func):
     if not callable(func):
         raise TypeError(f"torchrpc: cannot call {func!r}: not a function")
     if not state.python_udf[dst]:
@@ -264,12 +299,6 @@ def _invoke(to, func, args, kwargs, timeout, sync: bool):
             f"(it must start with RpcOptions(python_udf=True)); "
             f"register {getattr(func, '__name__', func)!r} as a TorchScript function instead"
         )
-    pickled, tensors = python_udf.dumps((func, args, kwargs))
-    what = getattr(func, "__qualname__", repr(func))
-    result = agent.python_call(dst, what, pickled, tensors, t, sync)
-    if sync:
-        return python_udf.loads_result(result)
-    return _unpickled(result)
 
 
 def _unpickled(fut):
@@ -301,6 +330,35 @@ def rpc_sync(to, func, args=None, kwargs=None, timeout: Optional[float] = None):
 def rpc_async(to, func, args=None, kwargs=None, timeout: Optional[float] = None):
     """Like rpc_sync, but returns a torch Future at once."""
     return _invoke(to, func, args, kwargs, timeout, False)
+
+
+def remote(to, func, args=None, kwargs=None, timeout: Optional[float] = None) -> RRef:
+    """Runs `func(*args, **kwargs)` on worker `to`, which keeps the result, and
+    returns an RRef to it at once. Same `func` forms and opt-in rule as rpc_sync."""
+    state = _current()
+    dst = _worker_id(state, to)
+    args = tuple(args) if args is not None else ()
+    kwargs = dict(kwargs) if kwargs is not None else {}
+    t = _timeout(timeout)
+    agent = state.agent
+    target = _script_target(state, dst, func)
+    if target is not None:
+        kind, name, schema = target
+        args, kwargs = _unwrap(args), _unwrap(kwargs)
+        if kind == "script":
+            obj = agent.remote_script(dst, name, schema, args, kwargs, t)
+        else:
+            obj = agent.remote_builtin(dst, name, args, kwargs, t)
+        return RRef(_script_object=obj)
+    _check_python_udf(state, dst, func)
+    pickled, tensors = python_udf.dumps((func, args, kwargs))
+    what = getattr(func, "__qualname__", repr(func))
+    return RRef(_script_object=agent.remote_python(dst, what, pickled, tensors, t))
+
+
+def debug_info() -> dict:
+    """Counts of this worker's RRef state and requests in flight."""
+    return _current().agent.debug_info()
 
 
 @atexit.register

@@ -59,8 +59,23 @@ def run_python_call(pickled, tensors):
     """
     try:
         fn, args, kwargs = loads(pickled, tensors)
-        result = fn(*args, **kwargs)
-        return ("ok",) + dumps(result)
+        return ("ok",) + dumps(fn(*args, **kwargs))
     except BaseException as e:  # every failure goes back to the caller
-        cls = type(e)
-        return ("err", f"{cls.__module__}.{cls.__qualname__}", str(e), traceback.format_exc())
+        return _error(e)
+
+
+def run_python_remote(pickled, tensors):
+    """Runs a PYTHON_REMOTE_CALL; the owner keeps the returned object.
+
+    Returns ("ok", result) or ("err", class name, message, traceback).
+    """
+    try:
+        fn, args, kwargs = loads(pickled, tensors)
+        return ("ok", fn(*args, **kwargs))
+    except BaseException as e:
+        return _error(e)
+
+
+def _error(e: BaseException):
+    cls = type(e)
+    return ("err", f"{cls.__module__}.{cls.__qualname__}", str(e), traceback.format_exc())

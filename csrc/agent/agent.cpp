@@ -5,8 +5,6 @@
 #include "agent/current_agent.h"
 #include "agent/tcp_transport.h"
 #include "messages/control.h"
-#include "messages/python_call.h"
-#include "messages/script_call.h"
 
 namespace torchrpc {
 namespace {
@@ -47,6 +45,7 @@ RemoteException describeCurrentException() {
   try {
     throw;
   } catch (const RpcError& e) {
+    if (e.kind() == ErrorKind::kRemote) return {e.remoteType(), e.what(), e.remoteTraceback()};
     return {kindName(e.kind()), e.what(), e.remoteTraceback()};
   } catch (const torch::jit::JITException& e) {
     std::string type = e.getPythonClassName().value_or("builtins.RuntimeError");
@@ -79,6 +78,7 @@ Agent::Agent(WorkerInfo self, AgentOptions options)
   callbacks.onClosed = [this](const std::shared_ptr<Connection>& c, const std::string& why) { onClosed(c, why); };
   transport_ = std::make_unique<TcpTransport>(options_.listenHost, options_.advertisedHost, std::move(callbacks));
   self_.address = transport_->address();
+  rrefs_ = std::make_shared<RRefContext>(*this);
   timer_ = std::thread([this] { timeoutLoop(); });
 }
 
@@ -193,34 +193,102 @@ void Agent::onMessage(const std::shared_ptr<Connection>& conn, Message&& message
 
 void Agent::serveRequest(const std::shared_ptr<Connection>& conn, Message&& request) {
   const int64_t id = request.id;
-  Message response;
+  auto respond = [this, conn, id](Message&& response) { reply(conn, std::move(response), id); };
+  std::optional<Message> response;
   try {
-    response = runRequest(request);
+    response = runRequest(request, respond);
   } catch (...) {
     response = describeCurrentException().toMessage();
   }
-  reply(conn, std::move(response), id);
+  if (response) respond(std::move(*response));
 }
 
-Message Agent::runRequest(Message& request) {
+c10::IValue Agent::runScript(ScriptCall& call) {
+  auto callable = registry_.find(call.qualifiedName());
+  if (!callable) {
+    throw RpcError(ErrorKind::kNotFound, "torchrpc: no function '" + call.qualifiedName() +
+                                             "' is registered on worker '" + self_.name + "'");
+  }
+  checkArguments(call.qualifiedName(), callable->schema(), call.stack());
+  return callable->run(call.stack());
+}
+
+namespace {
+// Answers a fetch once the owned value exists (it may still be being created).
+void respondWithValue(const RRefPtr& owner, std::function<void(Message&&)> respond,
+                      std::function<Message(const c10::IValue&)> makeReply) {
+  owner->valueFuture()->addCallback([respond = std::move(respond), makeReply = std::move(makeReply)](
+                                        c10::ivalue::Future& f) {
+    Message m;
+    try {
+      if (f.hasError()) std::rethrow_exception(f.exception_ptr());
+      m = makeReply(f.value());
+    } catch (...) {
+      m = describeCurrentException().toMessage();
+    }
+    respond(std::move(m));
+  });
+}
+}  // namespace
+
+std::optional<Message> Agent::runRequest(Message& request, const std::function<void(Message&&)>& respond) {
   switch (request.type) {
     case MessageType::kScriptCall: {
       auto call = ScriptCall::fromMessage(request);
-      auto callable = registry_.find(call->qualifiedName());
-      if (!callable) {
-        throw RpcError(ErrorKind::kNotFound, "torchrpc: no function '" + call->qualifiedName() +
-                                                 "' is registered on worker '" + self_.name + "'");
-      }
-      checkArguments(call->qualifiedName(), callable->schema(), call->stack());
-      return ScriptRet(callable->run(call->stack())).toMessage();
+      return ScriptRet(runScript(*call)).toMessage();
     }
     case MessageType::kPythonCall:
-      if (!options_.pythonUdf || !pythonHandler_) {
-        throw RpcError(ErrorKind::kForbidden,
-                       "torchrpc: worker '" + self_.name +
-                           "' does not run Python callables (start it with RpcOptions(python_udf=True))");
+      if (!options_.pythonUdf || !python_.runCall) throw pythonDisabled();
+      return python_.runCall(std::move(request));
+    case MessageType::kScriptRemoteCall: {
+      auto call = ScriptRemoteCall::fromMessage(request);
+      auto owner = rrefs_->ownerForRemoteCall(call->rrefId(), call->forkId(), false);
+      try {
+        owner->valueFuture()->markCompleted(runScript(*call));
+      } catch (...) {
+        owner->valueFuture()->setErrorIfNeeded(std::current_exception());
+        throw;
       }
-      return pythonHandler_(std::move(request));
+      return RemoteRet(call->rrefId(), call->forkId()).toMessage();
+    }
+    case MessageType::kPythonRemoteCall: {
+      if (!options_.pythonUdf || !python_.runRemote) throw pythonDisabled();
+      auto call = PythonRemoteCall::fromMessage(request);
+      auto owner = rrefs_->ownerForRemoteCall(call->rrefId(), call->forkId(), true);
+      try {
+        owner->valueFuture()->markCompleted(python_.runRemote(std::move(call->value())));
+      } catch (...) {
+        owner->valueFuture()->setErrorIfNeeded(std::current_exception());
+        throw;
+      }
+      return RemoteRet(call->rrefId(), call->forkId()).toMessage();
+    }
+    case MessageType::kScriptRRefFetchCall: {
+      auto owner = rrefs_->ownerForFetch(ScriptRRefFetchCall::fromMessage(request)->rrefId());
+      respondWithValue(owner, respond, [](const c10::IValue& v) { return ScriptRRefFetchRet(v).toMessage(); });
+      return std::nullopt;
+    }
+    case MessageType::kPythonRRefFetchCall: {
+      auto owner = rrefs_->ownerForFetch(PythonRRefFetchCall::fromMessage(request)->rrefId());
+      if (!python_.pickle) throw pythonDisabled();
+      auto pickle = python_.pickle;
+      respondWithValue(owner, respond,
+                       [pickle](const c10::IValue& v) { return PythonRRefFetchRet(pickle(v)).toMessage(); });
+      return std::nullopt;
+    }
+    case MessageType::kRRefForkRequest: {
+      auto m = RRefForkRequest::fromMessage(request);
+      rrefs_->onForkRequest(m->rrefId(), m->forkId());
+      return RRefAck().toMessage();
+    }
+    case MessageType::kRRefUserDelete: {
+      auto m = RRefUserDelete::fromMessage(request);
+      rrefs_->onUserDelete(m->rrefId(), m->forkId());
+      return RRefAck().toMessage();
+    }
+    case MessageType::kRRefChildAccept:
+      rrefs_->onChildAccept(RRefChildAccept::fromMessage(request)->forkId());
+      return RRefAck().toMessage();
     case MessageType::kSchemaQuery: {
       auto query = SchemaQuery::fromMessage(request);
       auto callable = registry_.find(query->value());
@@ -230,6 +298,12 @@ Message Agent::runRequest(Message& request) {
       throw RpcError(ErrorKind::kRpc, "torchrpc: worker '" + self_.name + "' cannot serve " +
                                           messageTypeName(request.type) + " requests");
   }
+}
+
+RpcError Agent::pythonDisabled() const {
+  return RpcError(ErrorKind::kForbidden,
+                  "torchrpc: worker '" + self_.name +
+                      "' does not run Python callables (start it with RpcOptions(python_udf=True))");
 }
 
 void Agent::reply(const std::shared_ptr<Connection>& conn, Message&& response, int64_t id) {
@@ -273,6 +347,21 @@ void Agent::completeResponse(Message&& response) {
       }
       case MessageType::kSchemaRet:
         p.future->markCompleted(c10::IValue(SchemaRet::fromMessage(response)->value()));
+        return;
+      case MessageType::kScriptRRefFetchRet:
+        p.future->markCompleted(std::move(ScriptRRefFetchRet::fromMessage(response)->value()));
+        return;
+      case MessageType::kPythonRRefFetchRet: {
+        auto ret = PythonRRefFetchRet::fromMessage(response);
+        auto& v = ret->value();
+        p.future->markCompleted(c10::IValue(c10::ivalue::Tuple::create(
+            c10::IValue(v.bytes), c10::IValue(c10::List<at::Tensor>(std::move(v.tensors))))));
+        return;
+      }
+      case MessageType::kRemoteRet:
+      case MessageType::kRRefAck:
+        decodeFields(response, response.type);  // validate, nothing to keep
+        p.future->markCompleted(c10::IValue());
         return;
       case MessageType::kException: {
         auto ex = RemoteException::fromMessage(response);
@@ -383,6 +472,7 @@ void Agent::shutdown() {
   if (timer_.joinable()) timer_.join();
   transport_->shutdown();
   pool_->stop();
+  rrefs_->clear();
   failPending([](const Pending&) { return true; }, ErrorKind::kShutdown, "RPC was shut down");
 }
 

@@ -14,6 +14,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <map>
+#include <optional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -22,9 +23,12 @@
 #include <vector>
 
 #include "agent/function_registry.h"
+#include "messages/python_call.h"
+#include "messages/script_call.h"
 #include "agent/thread_pool.h"
 #include "agent/transport.h"
 #include "ops/param_store.h"
+#include "rref/rref_context.h"
 
 namespace torchrpc {
 
@@ -45,9 +49,15 @@ struct AgentOptions {
   std::string advertisedHost = "127.0.0.1";
 };
 
-// Runs a PYTHON_CALL (pickled request) and returns the PYTHON_RET or
-// EXCEPTION message. Installed by the Python bindings; takes the GIL itself.
-using PythonCallHandler = std::function<Message(Message&& request)>;
+// What only Python can do, installed by the Python bindings (each takes the
+// GIL itself): run a PYTHON_CALL and return its PYTHON_RET or EXCEPTION; run
+// a PYTHON_REMOTE_CALL and return the Python object (as an IValue) to own,
+// throwing RpcError(kRemote) if it raised; pickle an owned Python object.
+struct PythonHooks {
+  std::function<Message(Message&& request)> runCall;
+  std::function<c10::IValue(PickledValue&& call)> runRemote;
+  std::function<PickledValue(const c10::IValue& value)> pickle;
+};
 
 class Agent {
  public:
@@ -66,7 +76,8 @@ class Agent {
   const AgentOptions& options() const { return options_; }
   FunctionRegistry& registry() { return registry_; }
   ParamStore& params() { return params_; }
-  void setPythonCallHandler(PythonCallHandler handler) { pythonHandler_ = std::move(handler); }
+  void setPythonHooks(PythonHooks hooks) { python_ = std::move(hooks); }
+  RRefContext& rrefs() { return *rrefs_; }
 
   // Sends a request; the future completes with the response's value.
   // timeoutSeconds < 0 takes the default, 0 waits forever. `what` names the
@@ -97,7 +108,10 @@ class Agent {
   void onClosed(const std::shared_ptr<Connection>& conn, const std::string& why);
   void completeResponse(Message&& response);
   void serveRequest(const std::shared_ptr<Connection>& conn, Message&& request);
-  Message runRequest(Message& request);
+  // The response, or nullopt when `respond` will be called later.
+  std::optional<Message> runRequest(Message& request, const std::function<void(Message&&)>& respond);
+  c10::IValue runScript(ScriptCall& call);
+  RpcError pythonDisabled() const;
   void reply(const std::shared_ptr<Connection>& conn, Message&& response, int64_t id);
   std::shared_ptr<Connection> connectionTo(int64_t to);
   void failPending(const std::function<bool(const Pending&)>& which, ErrorKind kind,
@@ -110,7 +124,8 @@ class Agent {
   std::vector<WorkerInfo> workers_;
   FunctionRegistry registry_;
   ParamStore params_;
-  PythonCallHandler pythonHandler_;
+  PythonHooks python_;
+  std::shared_ptr<RRefContext> rrefs_;
   std::atomic<bool> stopped_{false};
   std::atomic<int64_t> nextMessageId_{1};
 

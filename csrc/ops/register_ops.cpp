@@ -11,7 +11,9 @@
 #include <thread>
 
 #include "agent/current_agent.h"
+#include "messages/script_call.h"
 #include "ops/param_store.h"
+#include "wire/ivalue_codec.h"
 
 namespace torchrpc {
 namespace {
@@ -49,6 +51,54 @@ void rpcSyncKernel(const c10::OperatorHandle&, torch::jit::Stack* stack) {
   torch::jit::push(*stack, fut->value());
 }
 
+// remote(str to, str qualified_name, Any[] args, float timeout) -> RRef
+void remoteKernel(const c10::OperatorHandle&, torch::jit::Stack* stack) {
+  double timeout = stack->back().toDouble();
+  c10::List<c10::IValue> args = (*stack)[stack->size() - 2].toList();
+  std::string name = (*stack)[stack->size() - 3].toStringRef();
+  std::string to = (*stack)[stack->size() - 4].toStringRef();
+  torch::jit::drop(*stack, 4);
+  auto agent = currentAgent();
+  std::vector<c10::IValue> argv(args.begin(), args.end());
+  if (auto callable = agent->registry().find(name)) checkArguments(name, callable->schema(), argv);
+  RRefPtr rref = agent->rrefs().remote(
+      workerIdOf(*agent, to),
+      [&](const RRefId& id, const ForkId& fork) { return ScriptRemoteCall(name, argv, false, id, fork).toMessage(); },
+      false, timeout, name);
+  torch::jit::push(*stack, c10::IValue(std::move(rref)));
+}
+
+c10::IValue waitFor(const FuturePtr& fut) {
+  fut->wait();
+  if (fut->hasError()) std::rethrow_exception(fut->exception_ptr());
+  return fut->value();
+}
+
+c10::IValue rrefToHere(const RRefPtr& self, double timeout) {
+  if (self->isPython()) {
+    throw RpcError(ErrorKind::kArgument, "torchrpc: this RRef holds a Python object; fetch it from Python");
+  }
+  return waitFor(currentAgent()->rrefs().fetch(self, timeout));
+}
+
+c10::IValue rrefLocalValue(const RRefPtr& self) {
+  if (!self->isOwner()) {
+    auto agent = currentAgent();
+    throw RpcError(ErrorKind::kRpc, "torchrpc: local_value() needs the owner; this RRef is owned by '" +
+                                        agent->worker(self->ownerId()).name + "'");
+  }
+  return waitFor(self->valueFuture());
+}
+
+// RRefs inside messages are forked on the way out and registered on the way in.
+const bool kRRefCodecInstalled = [] {
+  setObjectCodec(ObjectCodec{
+      "__torch__.torch.classes.torchrpc.RRef",
+      [](const c10::IValue& obj) { return currentAgent()->rrefs().fork(obj.toCustomClass<RRef>()); },
+      [](const c10::IValue& encoded) { return c10::IValue(currentAgent()->rrefs().unfork(encoded)); }});
+  return true;
+}();
+
 void sleepMs(int64_t ms) { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }
 
 std::string workerName() { return currentAgent()->self().name; }
@@ -60,6 +110,15 @@ std::string workerName() { return currentAgent()->self().name; }
 // (FROM_SCHEMA) a call whose result is unused would be removed as dead code.
 TORCH_LIBRARY(torchrpc, m) {
   auto effectful = [](const char* schema) { return torch::schema(schema, c10::AliasAnalysisKind::CONSERVATIVE); };
+  m.class_<RRef>("RRef")
+      .def("to_here", &rrefToHere, "Fetches the value (blocks).", {torch::arg("timeout") = -1.0})
+      .def("local_value", &rrefLocalValue)
+      .def("is_owner", [](const RRefPtr& self) { return self->isOwner(); })
+      .def("owner_name", [](const RRefPtr& self) { return currentAgent()->worker(self->ownerId()).name; })
+      .def("confirmed_by_owner", [](const RRefPtr& self) { return self->confirmed(); });
+  m.def(effectful("remote(str to, str qualified_name, Any[] args, float timeout=-1.0) -> "
+                  "__torch__.torch.classes.torchrpc.RRef"),
+        torch::CppFunction::makeFromBoxedFunction<&remoteKernel>());
   m.def(effectful("rpc_async(str to, str qualified_name, Any[] args, float timeout=-1.0) -> Future(Any)"),
         torch::CppFunction::makeFromBoxedFunction<&rpcAsyncKernel>());
   m.def(effectful("rpc_sync(str to, str qualified_name, Any[] args, float timeout=-1.0) -> Any"),

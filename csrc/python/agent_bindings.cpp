@@ -8,6 +8,7 @@
 #include "agent/current_agent.h"
 #include "messages/control.h"
 #include "messages/python_call.h"
+#include "messages/script_call.h"
 
 namespace py = pybind11;
 
@@ -49,8 +50,9 @@ py::object scriptCall(Agent& agent, int64_t to, const std::string& name, const c
   return finish(fut, sync);
 }
 
-py::object builtinCall(Agent& agent, int64_t to, const std::string& opName, const py::tuple& args,
-                       const py::dict& kwargs, double timeout, bool sync) {
+// Picks the overload of `opName` that fits the Python arguments.
+std::pair<std::string, torch::jit::Stack> builtinStack(Agent& agent, int64_t to, const std::string& opName,
+                                                       const py::tuple& args, const py::dict& kwargs) {
   const auto& ops = torch::jit::getAllOperatorsFor(c10::Symbol::fromQualString(opName));
   if (ops.empty()) throw RpcError(ErrorKind::kNotFound, "torchrpc: no builtin operator '" + opName + "'");
   std::shared_ptr<torch::jit::Operator> op;
@@ -62,7 +64,12 @@ py::object builtinCall(Agent& agent, int64_t to, const std::string& opName, cons
     badArguments(agent, to, opName, e);
   }
   const auto& schema = op->schema();
-  std::string name = schema.name() + (schema.overload_name().empty() ? "" : "." + schema.overload_name());
+  return {schema.name() + (schema.overload_name().empty() ? "" : "." + schema.overload_name()), std::move(stack)};
+}
+
+py::object builtinCall(Agent& agent, int64_t to, const std::string& opName, const py::tuple& args,
+                       const py::dict& kwargs, double timeout, bool sync) {
+  auto [name, stack] = builtinStack(agent, to, opName, args, kwargs);
   FuturePtr fut;
   {
     py::gil_scoped_release release;
@@ -90,20 +97,91 @@ std::shared_ptr<py::object> keepPython(py::object fn) {
   });
 }
 
-// `handler(pickled, tensors)` returns ("ok", pickled, tensors) or
-// ("err", qualified class name, message, traceback).
-void setPythonHandler(Agent& agent, py::object handler) {
-  auto fn = keepPython(std::move(handler));
-  agent.setPythonCallHandler([fn](Message&& request) -> Message {
-    auto call = PythonCall::fromMessage(request);
+// Installs torchrpc/python_udf.py's entry points (see PythonHooks):
+// run_call(pickled, tensors) -> ("ok", pickled, tensors) | ("err", cls, msg, tb);
+// run_remote(pickled, tensors) -> ("ok", obj) | ("err", cls, msg, tb);
+// pickle(obj) -> (pickled, tensors).
+void setPythonHooks(Agent& agent, py::object runCall, py::object runRemote, py::object pickle) {
+  auto call = keepPython(std::move(runCall));
+  auto remote = keepPython(std::move(runRemote));
+  auto pick = keepPython(std::move(pickle));
+  auto remoteError = [](const py::tuple& r) {
+    return RpcError(ErrorKind::kRemote, r[2].cast<std::string>(), r[1].cast<std::string>(),
+                    r[3].cast<std::string>());
+  };
+  PythonHooks hooks;
+  hooks.runCall = [call](Message&& request) -> Message {
+    auto c = PythonCall::fromMessage(request);
     py::gil_scoped_acquire gil;
-    py::tuple r = (*fn)(call->value().bytes, call->value().tensors);
+    py::tuple r = (*call)(c->value().bytes, c->value().tensors);
     if (r[0].cast<std::string>() == "ok") {
       return PythonRet(PickledValue{r[1].cast<at::Tensor>(), r[2].cast<std::vector<at::Tensor>>()}).toMessage();
     }
     return RemoteException(r[1].cast<std::string>(), r[2].cast<std::string>(), r[3].cast<std::string>())
         .toMessage();
+  };
+  hooks.runRemote = [remote, remoteError](PickledValue&& v) -> c10::IValue {
+    py::gil_scoped_acquire gil;
+    py::tuple r = (*remote)(v.bytes, v.tensors);
+    if (r[0].cast<std::string>() != "ok") throw remoteError(r);
+    return torch::jit::toIValue(r[1], c10::PyObjectType::get());
+  };
+  hooks.pickle = [pick](const c10::IValue& value) -> PickledValue {
+    py::gil_scoped_acquire gil;
+    py::tuple r = (*pick)(torch::jit::toPyObject(value));
+    return PickledValue{r[0].cast<at::Tensor>(), r[1].cast<std::vector<at::Tensor>>()};
+  };
+  agent.setPythonHooks(std::move(hooks));
+}
+
+RRefPtr toRRef(const py::handle& obj) {
+  return torch::jit::toIValue(obj, c10::getCustomClassType<RRefPtr>()).toCustomClass<RRef>();
+}
+
+py::object fromRRef(RRefPtr rref) { return torch::jit::toPyObject(c10::IValue(std::move(rref))); }
+
+// remote(): `request` builds the message from the new ids.
+py::object startRemote(Agent& agent, int64_t to, const std::string& what, bool isPython, double timeout,
+                       const std::function<Message(const RRefId&, const ForkId&)>& request) {
+  RRefPtr rref;
+  {
+    py::gil_scoped_release release;
+    rref = agent.rrefs().remote(to, request, isPython, timeout, what);
+  }
+  return fromRRef(std::move(rref));
+}
+
+py::object remoteScript(Agent& agent, int64_t to, const std::string& name, const c10::FunctionSchema& schema,
+                        const py::tuple& args, const py::dict& kwargs, double timeout) {
+  torch::jit::Stack stack;
+  try {
+    stack = torch::jit::createStackForSchema(schema, args, py::reinterpret_borrow<py::kwargs>(kwargs),
+                                             std::nullopt);
+  } catch (const std::exception& e) {
+    badArguments(agent, to, name, e);
+  }
+  return startRemote(agent, to, name, false, timeout, [&](const RRefId& id, const ForkId& fork) {
+    return ScriptRemoteCall(name, stack, false, id, fork).toMessage();
   });
+}
+
+py::object remotePython(Agent& agent, int64_t to, const std::string& what, at::Tensor pickled,
+                        std::vector<at::Tensor> tensors, double timeout) {
+  return startRemote(agent, to, what, true, timeout, [&](const RRefId& id, const ForkId& fork) {
+    return PythonRemoteCall(PickledValue{pickled, tensors}, false, id, fork).toMessage();
+  });
+}
+
+// The value an RRef names: an IValue, or for a Python value on a user the
+// (pickled, tensors) pair the caller unpickles.
+py::object rrefFetch(Agent& agent, const py::object& obj, double timeout) {
+  RRefPtr rref = toRRef(obj);
+  FuturePtr fut;
+  {
+    py::gil_scoped_release release;
+    fut = agent.rrefs().fetch(rref, timeout);
+  }
+  return finish(fut, true);
 }
 
 // Functions a peer names but nobody registered are looked up, once, in the
@@ -174,7 +252,46 @@ void initAgentBindings(py::module_& m) {
              }
              return finish(fut, true).cast<std::string>();
            })
-      .def("set_python_handler", &setPythonHandler)
+      .def("set_python_hooks", &setPythonHooks)
+      .def("remote_script", &remoteScript)
+      .def("remote_python", &remotePython)
+      .def("remote_builtin",
+           [](Agent& agent, int64_t to, const std::string& opName, const py::tuple& args, const py::dict& kwargs,
+              double timeout) {
+             auto [name, stack] = builtinStack(agent, to, opName, args, kwargs);
+             return startRemote(agent, to, name, false, timeout, [&](const RRefId& id, const ForkId& fork) {
+               return ScriptRemoteCall(name, stack, false, id, fork).toMessage();
+             });
+           })
+      .def("rref_local",
+           [](Agent& agent, const py::object& value, bool isPython) {
+             c10::IValue v = isPython ? torch::jit::toIValue(value, c10::PyObjectType::get())
+                                      : torch::jit::toIValue(value, c10::AnyType::get());
+             return fromRRef(agent.rrefs().createLocalOwner(std::move(v), isPython));
+           })
+      .def("rref_fetch", &rrefFetch)
+      .def("rref_info",
+           [](Agent&, const py::object& obj) {
+             RRefPtr r = toRRef(obj);
+             return py::make_tuple(r->isOwner(), r->ownerId(), r->isPython(), r->confirmed());
+           })
+      .def("rref_fork", [](Agent& agent, const py::object& obj) {
+        return torch::jit::toPyObject(agent.rrefs().fork(toRRef(obj)));
+      })
+      .def("rref_unfork", [](Agent& agent, const py::tuple& info) {
+        return fromRRef(agent.rrefs().unfork(torch::jit::toIValue(info, c10::AnyType::get())));
+      })
+      .def("debug_info", [](Agent& agent) {
+        RRefDebugInfo d = agent.rrefs().debugInfo();
+        py::dict out;
+        out["owned_values"] = d.ownedValues;
+        out["user_forks"] = d.userForks;
+        out["pending_children"] = d.pendingChildren;
+        out["unconfirmed_users"] = d.unconfirmedUsers;
+        out["live_users"] = d.liveUsers;
+        out["pending_requests"] = agent.pendingCount();
+        return out;
+      })
       .def("pending_count", &Agent::pendingCount)
       .def("wait_until_idle", &Agent::waitUntilIdle, py::call_guard<py::gil_scoped_release>())
       .def("shutdown", &Agent::shutdown, py::call_guard<py::gil_scoped_release>())

@@ -3,8 +3,15 @@
 #include <ATen/core/Dict.h>
 #include <ATen/core/List.h>
 
+#include <torch/custom_class.h>
+
 namespace torchrpc {
 namespace {
+
+ObjectCodec& objectCodec() {
+  static ObjectCodec codec;
+  return codec;
+}
 
 enum TypeTag : uint8_t {
   kTAny = 0,
@@ -21,6 +28,7 @@ enum TypeTag : uint8_t {
   kTOptional = 11,
   kTDevice = 12,
   kTNumber = 13,
+  kTObject = 14,  // the ObjectCodec's class
 };
 
 enum ValueTag : uint8_t {
@@ -35,6 +43,7 @@ enum ValueTag : uint8_t {
   kVTuple = 8,
   kVDict = 9,
   kVDevice = 10,
+  kVObject = 11,  // ObjectCodec-encoded object
 };
 
 void encodeTypeAt(const c10::TypePtr& type, Writer& out, int depth) {
@@ -74,6 +83,12 @@ void encodeTypeAt(const c10::TypePtr& type, Writer& out, int depth) {
       for (const auto& e : elems) encodeTypeAt(e, out, depth + 1);
       return;
     }
+    case c10::TypeKind::ClassType:
+      if (type->expectRef<c10::ClassType>().name()->qualifiedName() == objectCodec().className) {
+        out.u8(kTObject);
+        return;
+      }
+      [[fallthrough]];
     default:
       throw RpcError(ErrorKind::kArgument,
                      "torchrpc: cannot send values of type " + type->annotation_str());
@@ -94,6 +109,11 @@ c10::TypePtr decodeTypeAt(Reader& in, int depth) {
     case kTNone: return c10::NoneType::get();
     case kTDevice: return c10::DeviceObjType::get();
     case kTNumber: return c10::NumberType::get();
+    case kTObject: {
+      auto cls = objectCodec().className.empty() ? nullptr : torch::getCustomClass(objectCodec().className);
+      if (!cls) throwDecode("object type without a codec");
+      return cls;
+    }
     case kTList: return c10::ListType::create(decodeTypeAt(in, depth + 1));
     case kTOptional: return c10::OptionalType::create(decodeTypeAt(in, depth + 1));
     case kTDict: {
@@ -180,6 +200,10 @@ void encodeAt(const c10::IValue& v, Writer& out, std::vector<at::Tensor>& tensor
     out.u8(kVDevice);
     out.u8(static_cast<uint8_t>(d.type()));
     out.u8(static_cast<uint8_t>(d.index()));
+  } else if (v.isObject() && objectCodec().encode &&
+             v.toObjectRef().type()->name()->qualifiedName() == objectCodec().className) {
+    out.u8(kVObject);
+    encodeAt(objectCodec().encode(v), out, tensors, depth + 1);
   } else {
     throw RpcError(ErrorKind::kArgument,
                    "torchrpc: cannot send a value of type " + v.type()->annotation_str());
@@ -284,6 +308,11 @@ c10::IValue decodeAt(Reader& in, const std::vector<at::Tensor>& tensors, int dep
       }
       return c10::IValue(c10::Device(static_cast<c10::DeviceType>(type), index));
     }
+    case kVObject: {
+      auto encoded = decodeAt(in, tensors, depth + 1);
+      if (!objectCodec().decode) throwDecode("object without a codec");
+      return objectCodec().decode(encoded);
+    }
     default:
       throwDecode("unknown value tag " + std::to_string(tag) + " at offset " +
                   std::to_string(in.offset() - 1));
@@ -301,6 +330,8 @@ c10::IValue decodeIValue(Reader& in, const std::vector<at::Tensor>& tensors) {
 }
 
 void encodeType(const c10::TypePtr& type, Writer& out) { encodeTypeAt(type, out, 0); }
+
+void setObjectCodec(ObjectCodec codec) { objectCodec() = std::move(codec); }
 
 c10::TypePtr decodeType(Reader& in) { return decodeTypeAt(in, 0); }
 

@@ -15,6 +15,7 @@
 #include <ATen/core/ivalue.h>
 #include <ATen/core/jit_type.h>
 
+#include <functional>
 #include <vector>
 
 #include "wire/byte_io.h"
@@ -29,6 +30,16 @@ c10::IValue decodeIValue(Reader& in, const std::vector<at::Tensor>& tensors);
 
 void encodeType(const c10::TypePtr& type, Writer& out);
 c10::TypePtr decodeType(Reader& in);
+
+// Objects of one custom class (torchrpc's RRef) cross the wire as a value
+// the class's owner produces (`encode`, e.g. registering a fork) and turns
+// back into an object (`decode`). Set once by the RRef layer.
+struct ObjectCodec {
+  std::string className;  // qualified, "__torch__.torch.classes.torchrpc.RRef"
+  std::function<c10::IValue(const c10::IValue& object)> encode;
+  std::function<c10::IValue(const c10::IValue& encoded)> decode;
+};
+void setObjectCodec(ObjectCodec codec);
 
 // True if `value` may stand where `type` is expected (TorchScript subtyping).
 // Cheap for the common scalar and tensor cases, which is why it exists.

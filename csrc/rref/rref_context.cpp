@@ -1,0 +1,280 @@
+#include "rref/rref_context.h"
+
+#include "agent/agent.h"
+#include "messages/python_call.h"
+#include "messages/rref_proto.h"
+
+namespace torchrpc {
+namespace {
+
+const ForkId kNoFork{-1, -1};
+
+c10::intrusive_ptr<c10::ivalue::Future> newFuture() {
+  return c10::make_intrusive<c10::ivalue::Future>(c10::AnyType::get());
+}
+
+}  // namespace
+
+RRef::RRef(std::weak_ptr<RRefContext> ctx, RRefId id, int64_t ownerId, bool isPython)
+    : ctx_(std::move(ctx)), id_(id), ownerId_(ownerId), isOwner_(true), isPython_(isPython),
+      forkId_(kNoFork), value_(newFuture()) {
+  confirmed_.store(true);
+}
+
+RRef::RRef(std::weak_ptr<RRefContext> ctx, RRefId id, int64_t ownerId, ForkId forkId, bool isPython,
+           bool confirmed)
+    : ctx_(std::move(ctx)), id_(id), ownerId_(ownerId), isOwner_(false), isPython_(isPython),
+      forkId_(forkId), value_(newFuture()) {
+  confirmed_.store(confirmed);
+  if (auto c = ctx_.lock()) c->userCreated();
+}
+
+RRef::~RRef() {
+  if (isOwner_) return;
+  if (auto c = ctx_.lock()) c->userDropped(id_, ownerId_, forkId_);
+}
+
+GloballyUniqueId RRefContext::newId() { return {agent_.self().id, nextLocalId_.fetch_add(1)}; }
+
+RRefPtr RRefContext::createLocalOwner(c10::IValue value, bool isPython) {
+  auto rref = c10::make_intrusive<RRef>(weak_from_this(), newId(), agent_.self().id, isPython);
+  rref->valueFuture()->markCompleted(std::move(value));
+  return rref;
+}
+
+RRefPtr RRefContext::getOrCreateOwnerLocked(const RRefId& id, bool isPython) {
+  OwnerEntry& e = owners_[id];
+  if (!e.rref) e.rref = c10::make_intrusive<RRef>(weak_from_this(), id, agent_.self().id, isPython);
+  return e.rref;
+}
+
+RRefPtr RRefContext::maybeEraseLocked(const RRefId& id) {
+  auto it = owners_.find(id);
+  if (it == owners_.end() || !it->second.forks.empty() || it->second.creating > 0) return {};
+  RRefPtr r = std::move(it->second.rref);
+  owners_.erase(it);
+  return r;  // dropped by the caller after unlocking: RRef destructors take locks
+}
+
+RRefPtr RRefContext::remote(int64_t to, const std::function<Message(const RRefId&, const ForkId&)>& request,
+                            bool isPython, double timeoutSeconds, const std::string& what) {
+  const RRefId id = newId();
+  std::weak_ptr<RRefContext> weakSelf = weak_from_this();
+  if (to == agent_.self().id) {
+    // The caller is the owner: no user fork; the entry stays while creating.
+    RRefPtr owner;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      owner = getOrCreateOwnerLocked(id, isPython);
+      owners_[id].creating += 1;
+    }
+    auto fut = agent_.send(to, request(id, kNoFork), timeoutSeconds, what);
+    fut->addCallback([weakSelf, owner, id](c10::ivalue::Future& f) {
+      if (f.hasError()) owner->valueFuture()->setErrorIfNeeded(f.exception_ptr());
+      auto self = weakSelf.lock();
+      if (!self) return;
+      RRefPtr drop;
+      {
+        std::lock_guard<std::mutex> g(self->mu_);
+        auto it = self->owners_.find(id);
+        if (it != self->owners_.end()) it->second.creating -= 1;
+        drop = self->maybeEraseLocked(id);
+      }
+    });
+    return owner;
+  }
+  const ForkId forkId = newId();
+  auto user = c10::make_intrusive<RRef>(weakSelf, id, to, forkId, isPython, false);
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    unconfirmed_[forkId] = Unconfirmed{id, to, c10::weak_intrusive_ptr<RRef>(user), false};
+  }
+  auto fut = agent_.send(to, request(id, forkId), timeoutSeconds, what);
+  c10::weak_intrusive_ptr<RRef> weakUser(user);
+  fut->addCallback([weakSelf, weakUser, forkId](c10::ivalue::Future& f) {
+    if (f.hasError()) {
+      if (auto u = weakUser.lock()) u->valueFuture()->setErrorIfNeeded(f.exception_ptr());
+    }
+    // Registered by the owner before it ran the call, success or not.
+    if (auto self = weakSelf.lock()) self->confirmUser(forkId);
+  });
+  return user;
+}
+
+void RRefContext::confirmUser(const ForkId& forkId) {
+  Unconfirmed u;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    auto it = unconfirmed_.find(forkId);
+    if (it == unconfirmed_.end()) return;
+    u = std::move(it->second);
+    unconfirmed_.erase(it);
+  }
+  if (auto user = u.user.lock()) user->setConfirmed();
+  if (u.dropped) sendControl(u.ownerId, RRefUserDelete(u.id, forkId).toMessage(), "RRef delete");
+}
+
+void RRefContext::userDropped(const RRefId& id, int64_t ownerId, const ForkId& forkId) {
+  liveUsers_.fetch_sub(1);
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    auto it = unconfirmed_.find(forkId);
+    if (it != unconfirmed_.end()) {
+      it->second.dropped = true;  // sent once the owner confirms the fork
+      return;
+    }
+  }
+  sendControl(ownerId, RRefUserDelete(id, forkId).toMessage(), "RRef delete");
+}
+
+c10::IValue RRefContext::fork(const RRefPtr& rref) {
+  const ForkId forkId = newId();
+  const int64_t self = agent_.self().id;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (rref->isOwner()) {
+      OwnerEntry& e = owners_[rref->id()];
+      if (!e.rref) e.rref = rref;
+      e.forks.insert(forkId);
+    } else {
+      children_[forkId] = rref;  // kept alive until the child is confirmed
+    }
+  }
+  return c10::IValue(c10::ivalue::Tuple::create(
+      {c10::IValue(rref->ownerId()), rref->id().toIValue(), forkId.toIValue(), c10::IValue(self),
+       c10::IValue(rref->isPython())}));
+}
+
+RRefPtr RRefContext::unfork(const c10::IValue& info) {
+  const auto& e = info.toTupleRef().elements();
+  if (e.size() != 5 || !e[0].isInt() || !e[3].isInt() || !e[4].isBool()) {
+    throwDecode("malformed RRef fork");
+  }
+  const int64_t ownerId = e[0].toInt();
+  const RRefId id = GloballyUniqueId::fromIValue(e[1]);
+  const ForkId forkId = GloballyUniqueId::fromIValue(e[2]);
+  const int64_t parent = e[3].toInt();
+  const bool isPython = e[4].toBool();
+  const int64_t self = agent_.self().id;
+  if (ownerId == self) {
+    RRefPtr owner, drop;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      auto it = owners_.find(id);
+      if (it == owners_.end()) throwDecode("RRef " + id.str() + " is not owned here");
+      owner = it->second.rref;
+      if (parent == self) {
+        it->second.forks.erase(forkId);  // a fork we sent ourselves: nobody will delete it
+        drop = maybeEraseLocked(id);
+      }
+    }
+    if (parent != self) sendControl(parent, RRefChildAccept(forkId).toMessage(), "RRef child accept");
+    return owner;
+  }
+  bool confirmed = parent == ownerId;  // the owner registered it when sending
+  auto user = c10::make_intrusive<RRef>(weak_from_this(), id, ownerId, forkId, isPython, confirmed);
+  if (!confirmed) {
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      unconfirmed_[forkId] = Unconfirmed{id, ownerId, c10::weak_intrusive_ptr<RRef>(user), false};
+    }
+    std::weak_ptr<RRefContext> weakSelf = weak_from_this();
+    sendControl(ownerId, RRefForkRequest(id, forkId).toMessage(), "RRef fork request",
+                [weakSelf, forkId, parent] {
+                  if (auto self = weakSelf.lock()) {
+                    self->confirmUser(forkId);
+                    self->sendControl(parent, RRefChildAccept(forkId).toMessage(), "RRef child accept");
+                  }
+                });
+  }
+  return user;
+}
+
+RRefPtr RRefContext::ownerForRemoteCall(const RRefId& id, const ForkId& forkId, bool isPython) {
+  std::lock_guard<std::mutex> g(mu_);
+  RRefPtr owner = getOrCreateOwnerLocked(id, isPython);
+  if (!(forkId == kNoFork)) owners_[id].forks.insert(forkId);
+  return owner;
+}
+
+RRefPtr RRefContext::ownerForFetch(const RRefId& id) {
+  // Requests run concurrently, so a fetch may overtake the remote() call that
+  // creates the value: wait for that value rather than fail.
+  std::lock_guard<std::mutex> g(mu_);
+  return getOrCreateOwnerLocked(id, false);
+}
+
+void RRefContext::onForkRequest(const RRefId& id, const ForkId& forkId) {
+  std::lock_guard<std::mutex> g(mu_);
+  auto it = owners_.find(id);
+  if (it == owners_.end()) {
+    throw RpcError(ErrorKind::kRpc, "torchrpc: fork of RRef " + id.str() + " after its release");
+  }
+  it->second.forks.insert(forkId);
+}
+
+void RRefContext::onUserDelete(const RRefId& id, const ForkId& forkId) {
+  RRefPtr drop;
+  std::lock_guard<std::mutex> g(mu_);
+  auto it = owners_.find(id);
+  if (it == owners_.end()) return;
+  it->second.forks.erase(forkId);
+  drop = maybeEraseLocked(id);
+  // `drop` is an owner reference: its destructor takes no lock.
+}
+
+void RRefContext::onChildAccept(const ForkId& forkId) {
+  RRefPtr drop;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    auto it = children_.find(forkId);
+    if (it == children_.end()) return;
+    drop = std::move(it->second);
+    children_.erase(it);
+  }
+  // A user reference may die here and send its own delete: outside the lock.
+}
+
+void RRefContext::sendControl(int64_t to, Message&& message, const std::string& what,
+                              std::function<void()> onAck) {
+  try {
+    auto fut = agent_.send(to, std::move(message), 0, what);
+    if (onAck) {
+      fut->addCallback([onAck = std::move(onAck)](c10::ivalue::Future& f) {
+        if (!f.hasError()) onAck();
+      });
+    }
+  } catch (const std::exception&) {
+    // Shut down or peer gone: the protocol ends with the connection.
+  }
+}
+
+c10::intrusive_ptr<c10::ivalue::Future> RRefContext::fetch(const RRefPtr& rref, double timeoutSeconds) {
+  if (rref->isOwner()) return rref->valueFuture();
+  if (rref->valueFuture()->hasError()) return rref->valueFuture();  // creation failed
+  const int64_t self = agent_.self().id;
+  Message m = rref->isPython() ? PythonRRefFetchCall(rref->id(), self).toMessage()
+                               : ScriptRRefFetchCall(rref->id(), self).toMessage();
+  return agent_.send(rref->ownerId(), std::move(m), timeoutSeconds, "RRef.to_here");
+}
+
+void RRefContext::clear() {
+  std::unordered_map<RRefId, OwnerEntry, GloballyUniqueIdHash> owners;
+  std::unordered_map<ForkId, RRefPtr, GloballyUniqueIdHash> children;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    owners.swap(owners_);
+    children.swap(children_);
+    unconfirmed_.clear();
+  }
+}
+
+RRefDebugInfo RRefContext::debugInfo() {
+  std::lock_guard<std::mutex> g(mu_);
+  int64_t forks = 0;
+  for (const auto& [id, e] : owners_) forks += static_cast<int64_t>(e.forks.size());
+  return {static_cast<int64_t>(owners_.size()), forks, static_cast<int64_t>(children_.size()),
+          static_cast<int64_t>(unconfirmed_.size()), liveUsers_.load()};
+}
+
+}  // namespace torchrpc

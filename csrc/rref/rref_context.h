@@ -1,0 +1,108 @@
+#pragma once
+
+// The RRef protocol's state on one worker, owned by its Agent.
+//
+// Tables:
+//   owners_        value this worker owns -> the user forks registered for it.
+//                  An entry lives while it has forks or a remote() is still
+//                  creating its value; then the owner lets go of the value.
+//   children_      forks this worker (a user) sent to another worker: the
+//                  parent keeps its reference alive until the child is
+//                  confirmed (RREF_CHILD_ACCEPT), so the owner never sees
+//                  zero forks while a child is in flight.
+//   unconfirmed_   user forks not yet confirmed by the owner; a drop is
+//                  deferred until confirmation.
+//
+// Messages: the creator's fork is registered by SCRIPT/PYTHON_REMOTE_CALL and
+// confirmed by REMOTE_RET. A fork sent by a user: the child asks the owner
+// (RREF_FORK_REQUEST, answered RREF_ACK), then tells the parent
+// (RREF_CHILD_ACCEPT). A fork sent by the owner is registered when sent. A
+// fork that lands on the owner just tells the parent. Drops: RREF_USER_DELETE.
+
+#include <functional>
+#include <mutex>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "rref/rref.h"
+
+namespace torchrpc {
+
+class Agent;
+
+struct RRefDebugInfo {
+  int64_t ownedValues;    // owners_ entries
+  int64_t userForks;      // forks registered with this owner, over all values
+  int64_t pendingChildren;
+  int64_t unconfirmedUsers;
+  int64_t liveUsers;      // user RRef objects alive on this worker
+};
+
+class RRefContext : public std::enable_shared_from_this<RRefContext> {
+ public:
+  explicit RRefContext(Agent& agent) : agent_(agent) {}
+
+  GloballyUniqueId newId();
+  // RRef(value): a local owner reference with its value set.
+  RRefPtr createLocalOwner(c10::IValue value, bool isPython);
+  // remote(): `request` is built from the new ids; the result is a user
+  // reference, or the owner reference when `to` is this worker.
+  RRefPtr remote(int64_t to, const std::function<Message(const RRefId&, const ForkId&)>& request,
+                 bool isPython, double timeoutSeconds, const std::string& what);
+
+  // Sending an RRef inside a message: registers the new fork and returns the
+  // tuple the receiver passes to unfork().
+  c10::IValue fork(const RRefPtr& rref);
+  RRefPtr unfork(const c10::IValue& info);
+
+  // Owner side of the protocol. Each returns the reply to send.
+  // SCRIPT/PYTHON_REMOTE_CALL: the owner entry that will hold the value.
+  RRefPtr ownerForRemoteCall(const RRefId& id, const ForkId& forkId, bool isPython);
+  // The owner entry to fetch from, created if the remote() that makes it
+  // has not been served yet.
+  RRefPtr ownerForFetch(const RRefId& id);
+  void onForkRequest(const RRefId& id, const ForkId& forkId);
+  void onUserDelete(const RRefId& id, const ForkId& forkId);
+  void onChildAccept(const ForkId& forkId);
+
+  // Called by a user RRef's destructor.
+  void userDropped(const RRefId& id, int64_t ownerId, const ForkId& forkId);
+  void userCreated() { liveUsers_.fetch_add(1); }
+
+  // Fetches a value: to_here(). Completes with the IValue, or for Python
+  // values with (pickled, tensors).
+  c10::intrusive_ptr<c10::ivalue::Future> fetch(const RRefPtr& rref, double timeoutSeconds);
+
+  RRefDebugInfo debugInfo();
+  // Drops every owned value and held fork (at shutdown).
+  void clear();
+
+ private:
+  struct OwnerEntry {
+    RRefPtr rref;
+    std::unordered_set<ForkId, GloballyUniqueIdHash> forks;
+    int64_t creating = 0;  // remote() calls still producing the value
+  };
+  RRefPtr getOrCreateOwnerLocked(const RRefId& id, bool isPython);
+  // Erases an entry nobody needs any more; returns the ref to drop unlocked.
+  RRefPtr maybeEraseLocked(const RRefId& id);
+  void confirmUser(const ForkId& forkId);
+  void sendControl(int64_t to, Message&& message, const std::string& what,
+                   std::function<void()> onAck = nullptr);
+
+  Agent& agent_;
+  std::mutex mu_;
+  std::atomic<int64_t> nextLocalId_{1};
+  std::atomic<int64_t> liveUsers_{0};
+  std::unordered_map<RRefId, OwnerEntry, GloballyUniqueIdHash> owners_;
+  std::unordered_map<ForkId, RRefPtr, GloballyUniqueIdHash> children_;
+  struct Unconfirmed {
+    RRefId id;
+    int64_t ownerId = -1;
+    c10::weak_intrusive_ptr<RRef> user{c10::intrusive_ptr<RRef>()};
+    bool dropped = false;
+  };
+  std::unordered_map<ForkId, Unconfirmed, GloballyUniqueIdHash> unconfirmed_;
+};
+
+}  // namespace torchrpc

@@ -1,0 +1,153 @@
+"""Remote references.
+
+`remote()` keeps a result on the worker that computed it (the owner) and
+returns an RRef to it. RRefs can be passed to other workers as arguments
+(inside TorchScript values or pickled Python arguments); each copy is a fork
+the owner counts, and the owner frees the value once every fork is dropped.
+The protocol lives in csrc/rref/rref_context.h; this is its Python face.
+"""
+
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["RRef"]
+
+_PLAIN_VALUES = (torch.Tensor, int, float, bool, str, complex, type(None), list, tuple, dict)
+
+
+def _agent():
+    from torchrpc import api
+
+    return api._current().agent
+
+
+class RRef:
+    """A reference to a value owned by some worker.
+
+    RRef(value) makes a local owner reference. Values TorchScript can type
+    (tensors, numbers, strings, containers of them) are fetched as IValues;
+    anything else is a Python object, fetched pickled.
+    """
+
+    __slots__ = ("_c",)
+
+    def __init__(self, value: Any = None, *, _script_object=None):
+        if _script_object is None:
+            is_python = not isinstance(value, _PLAIN_VALUES)
+            _script_object = _agent().rref_local(value, is_python)
+        self._c = _script_object
+
+    def _info(self):
+        return _agent().rref_info(self._c)  # (is_owner, owner_id, is_python, confirmed)
+
+    def is_owner(self) -> bool:
+        """True on the worker that holds the value."""
+        return self._info()[0]
+
+    def owner(self):
+        """The owner's WorkerInfo."""
+        from torchrpc import api
+
+        return api._current().workers[self._info()[1]]
+
+    def owner_name(self) -> str:
+        return self.owner().name
+
+    def confirmed_by_owner(self) -> bool:
+        """True once the owner has registered this reference."""
+        return self._info()[3]
+
+    def to_here(self, timeout: Optional[float] = None):
+        """The value, fetched from the owner (blocks; raises the error that
+        creating it raised, if it failed)."""
+        from torchrpc import api, python_udf
+
+        is_owner, _, is_python, _ = self._info()
+        value = _agent().rref_fetch(self._c, api._timeout(timeout))
+        if is_python and not is_owner:
+            return python_udf.loads_result(value)
+        return _wrap(value)
+
+    def local_value(self):
+        """The value itself; only on the owner."""
+        if not self.is_owner():
+            raise RuntimeError(
+                f"torchrpc: local_value() needs the owner; this RRef is owned by "
+                f"{self.owner_name()!r}"
+            )
+        return self.to_here()
+
+    def rpc_sync(self, timeout: Optional[float] = None):
+        """Proxy: rref.rpc_sync().method(*args) runs value.method on the owner."""
+        return _Proxy(self, "rpc_sync", timeout)
+
+    def rpc_async(self, timeout: Optional[float] = None):
+        return _Proxy(self, "rpc_async", timeout)
+
+    def remote(self, timeout: Optional[float] = None):
+        return _Proxy(self, "remote", timeout)
+
+    def __reduce__(self):
+        # Pickled into a Python call: a fork the receiver registers.
+        return (_unfork, (_agent().rref_fork(self._c),))
+
+    def __repr__(self):
+        is_owner, owner, _, _ = self._info()
+        return f"RRef(owner={owner}, {'owner' if is_owner else 'user'})"
+
+
+def _unfork(info):
+    return RRef(_script_object=_agent().rref_unfork(tuple(info)))
+
+
+def _invoke_method(rref: "RRef", name: str, args, kwargs):
+    return getattr(rref.local_value(), name)(*args, **kwargs)
+
+
+class _Proxy:
+    def __init__(self, rref, how, timeout):
+        self._rref, self._how, self._timeout = rref, how, timeout
+
+    def __getattr__(self, name):
+        from torchrpc import api
+
+        call = getattr(api, self._how)
+
+        def method(*args, **kwargs):
+            return call(self._rref.owner(), _invoke_method, (self._rref, name, args, kwargs),
+                        timeout=self._timeout)
+
+        return method
+
+
+def _is_script_rref(value) -> bool:
+    return isinstance(value, torch.ScriptObject) and value._type().qualified_name() == (
+        "__torch__.torch.classes.torchrpc.RRef"
+    )
+
+
+def _wrap(value):
+    """Script RRef objects (also inside containers) as Python RRefs."""
+    if _is_script_rref(value):
+        return RRef(_script_object=value)
+    if isinstance(value, list):
+        return [_wrap(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_wrap(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _wrap(v) for k, v in value.items()}
+    return value
+
+
+def _unwrap(value):
+    """Python RRefs (also inside containers) as the script objects TorchScript takes."""
+    if isinstance(value, RRef):
+        return value._c
+    if isinstance(value, list):
+        return [_unwrap(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_unwrap(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _unwrap(v) for k, v in value.items()}
+    return value
