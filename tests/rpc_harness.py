@@ -20,7 +20,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(body, rank, world_size, port, options, graceful, queue):
+def _child(body, rank, world_size, port, options, graceful, shutdown_timeout, queue):
     try:
         torchrpc.init_rpc(
             f"w{rank}", rank, world_size,
@@ -28,7 +28,7 @@ def _child(body, rank, world_size, port, options, graceful, queue):
             options=torchrpc.RpcOptions(**options),
         )
         result = body(rank)
-        torchrpc.shutdown(graceful=graceful, timeout=30)
+        torchrpc.shutdown(graceful=graceful, timeout=shutdown_timeout)
         # Plain pickle: torch's queue reducers would pass tensors through
         # shared memory that dies with this process.
         queue.put((rank, True, pickle.dumps(result)))
@@ -41,6 +41,8 @@ def _child(body, rank, world_size, port, options, graceful, queue):
 
 
 def run_workers(body, world_size=2, options=None, graceful=True, timeout=90, may_die=()):
+    # Workers that finish early wait in shutdown for the slowest one.
+    shutdown_timeout = timeout
     """Returns [body(rank) for each rank]; raises with the child traceback on failure.
 
     `options` is RpcOptions kwargs, or a list of them per rank. Ranks in
@@ -54,7 +56,7 @@ def run_workers(body, world_size=2, options=None, graceful=True, timeout=90, may
     procs = [
         ctx.Process(
             target=_child,
-            args=(body, r, world_size, port, per_rank[r], graceful_of[r], queue),
+            args=(body, r, world_size, port, per_rank[r], graceful_of[r], shutdown_timeout, queue),
             daemon=True,
         )
         for r in range(world_size)

@@ -120,6 +120,7 @@ def init_rpc(
             agent.register_function(fn.qualified_name, fn)
         for qualified_name, fn in _registered.items():
             agent.register_function(qualified_name, fn)
+        _C.set_current_agent(agent)
         try:
             infos = rendezvous.exchange(
                 store, rank, world_size,
@@ -127,6 +128,7 @@ def init_rpc(
                 options.init_timeout,
             )
         except BaseException:
+            _C.set_current_agent(None)
             agent.shutdown()
             raise
         agent.set_workers([(w["name"], w["address"], w["python_udf"]) for w in infos])
@@ -134,7 +136,6 @@ def init_rpc(
         state.python_udf = [w["python_udf"] for w in infos]
         state.self_info = state.workers[rank]
         _state = state
-        _C.set_current_agent(agent)
 
 
 def shutdown(graceful: bool = True, timeout: Optional[float] = None):

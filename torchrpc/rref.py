@@ -11,15 +11,17 @@ from typing import Any, Optional
 
 import torch
 
+from torchrpc import _C
+
 __all__ = ["RRef"]
 
 _PLAIN_VALUES = (torch.Tensor, int, float, bool, str, complex, type(None), list, tuple, dict)
 
 
 def _agent():
-    from torchrpc import api
-
-    return api._current().agent
+    # The C++ handle, set before rendezvous: a peer may send us an RRef
+    # before init_rpc has returned here.
+    return _C.current_agent()
 
 
 class RRef:

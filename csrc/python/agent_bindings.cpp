@@ -296,6 +296,7 @@ void initAgentBindings(py::module_& m) {
       .def("wait_until_idle", &Agent::waitUntilIdle, py::call_guard<py::gil_scoped_release>())
       .def("shutdown", &Agent::shutdown, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("running", &Agent::running);
+  m.def("current_agent", &currentAgent, "The running agent; RpcShutdownError if none.");
   m.def("set_current_agent", &setCurrentAgent, py::arg("agent").none(true),
         "Makes `agent` the one torch.ops.torchrpc uses (None clears it).");
 }

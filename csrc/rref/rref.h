@@ -35,7 +35,9 @@ class RRef : public torch::CustomClassHolder {
   int64_t ownerId() const { return ownerId_; }
   bool isOwner() const { return isOwner_; }
   // True if the value is a Python object (fetched pickled), not an IValue.
-  bool isPython() const { return isPython_; }
+  bool isPython() const { return isPython_.load(); }
+  // An owner made ahead of its remote() call learns the kind from that call.
+  void setIsPython(bool isPython) { isPython_.store(isPython); }
   const ForkId& forkId() const { return forkId_; }
   bool confirmed() const { return isOwner_ || confirmed_.load(); }
   void setConfirmed() { confirmed_.store(true); }
@@ -49,7 +51,7 @@ class RRef : public torch::CustomClassHolder {
   RRefId id_;
   int64_t ownerId_;
   bool isOwner_;
-  bool isPython_;
+  std::atomic<bool> isPython_;
   ForkId forkId_;
   std::atomic<bool> confirmed_{false};
   c10::intrusive_ptr<c10::ivalue::Future> value_;

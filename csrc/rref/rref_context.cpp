@@ -48,9 +48,24 @@ RRefPtr RRefContext::getOrCreateOwnerLocked(const RRefId& id, bool isPython) {
   return e.rref;
 }
 
+RRefPtr RRefContext::ownerAheadOfCreationLocked(const RRefId& id) {
+  auto it = owners_.find(id);
+  if (it != owners_.end()) return it->second.rref;
+  if (id.createdOn == agent_.self().id) {
+    throw RpcError(ErrorKind::kRpc, "torchrpc: RRef " + id.str() + " is unknown to its owner '" +
+                                        agent_.self().name + "' (already released?)");
+  }
+  RRefPtr owner = getOrCreateOwnerLocked(id, false);
+  owners_[id].awaitingRemoteCall = true;
+  return owner;
+}
+
 RRefPtr RRefContext::maybeEraseLocked(const RRefId& id) {
   auto it = owners_.find(id);
-  if (it == owners_.end() || !it->second.forks.empty() || it->second.creating > 0) return {};
+  if (it == owners_.end() || !it->second.forks.empty() || it->second.creating > 0 ||
+      it->second.awaitingRemoteCall) {
+    return {};
+  }
   RRefPtr r = std::move(it->second.rref);
   owners_.erase(it);
   return r;  // dropped by the caller after unlocking: RRef destructors take locks
@@ -193,7 +208,10 @@ RRefPtr RRefContext::unfork(const c10::IValue& info) {
 RRefPtr RRefContext::ownerForRemoteCall(const RRefId& id, const ForkId& forkId, bool isPython) {
   std::lock_guard<std::mutex> g(mu_);
   RRefPtr owner = getOrCreateOwnerLocked(id, isPython);
-  if (!(forkId == kNoFork)) owners_[id].forks.insert(forkId);
+  OwnerEntry& e = owners_[id];
+  e.awaitingRemoteCall = false;
+  owner->setIsPython(isPython);
+  if (!(forkId == kNoFork)) e.forks.insert(forkId);
   return owner;
 }
 
@@ -201,16 +219,13 @@ RRefPtr RRefContext::ownerForFetch(const RRefId& id) {
   // Requests run concurrently, so a fetch may overtake the remote() call that
   // creates the value: wait for that value rather than fail.
   std::lock_guard<std::mutex> g(mu_);
-  return getOrCreateOwnerLocked(id, false);
+  return ownerAheadOfCreationLocked(id);
 }
 
 void RRefContext::onForkRequest(const RRefId& id, const ForkId& forkId) {
   std::lock_guard<std::mutex> g(mu_);
-  auto it = owners_.find(id);
-  if (it == owners_.end()) {
-    throw RpcError(ErrorKind::kRpc, "torchrpc: fork of RRef " + id.str() + " after its release");
-  }
-  it->second.forks.insert(forkId);
+  ownerAheadOfCreationLocked(id);
+  owners_[id].forks.insert(forkId);
 }
 
 void RRefContext::onUserDelete(const RRefId& id, const ForkId& forkId) {

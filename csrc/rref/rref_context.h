@@ -82,8 +82,13 @@ class RRefContext : public std::enable_shared_from_this<RRefContext> {
     RRefPtr rref;
     std::unordered_set<ForkId, GloballyUniqueIdHash> forks;
     int64_t creating = 0;  // remote() calls still producing the value
+    // Made by a fork request or fetch that overtook the remote() call which
+    // creates the value (requests run concurrently); kept until that call.
+    bool awaitingRemoteCall = false;
   };
   RRefPtr getOrCreateOwnerLocked(const RRefId& id, bool isPython);
+  // For messages about a value a remote() call may not have created yet.
+  RRefPtr ownerAheadOfCreationLocked(const RRefId& id);
   // Erases an entry nobody needs any more; returns the ref to drop unlocked.
   RRefPtr maybeEraseLocked(const RRefId& id);
   void confirmUser(const ForkId& forkId);

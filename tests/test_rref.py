@@ -1,0 +1,205 @@
+"""Remote references across real worker processes: the protocol, forks
+between any workers, TorchScript RRefs, failures, and leaks."""
+
+import gc
+import resource
+import time
+from typing import Any, List
+
+import torch
+from rpc_harness import run_workers
+
+import scripted_ops
+import torchrpc
+
+_held = {}  # per-process: references a test parks on a worker
+
+
+@torch.jit.script
+def rref_sum(r: torch.classes.torchrpc.RRef) -> torch.Tensor:
+    v = r.to_here()
+    assert isinstance(v, torch.Tensor)
+    return v.sum()
+
+
+@torch.jit.script
+def sum_all(rs: List[torch.classes.torchrpc.RRef]) -> torch.Tensor:
+    total = torch.zeros(1)
+    for r in rs:
+        v = r.to_here()
+        assert isinstance(v, torch.Tensor)
+        total = total + v.sum()
+    return total
+
+
+@torch.jit.script
+def remote_echo(to: str, x: torch.Tensor) -> torch.classes.torchrpc.RRef:
+    args: List[Any] = [x]
+    return torch.ops.torchrpc.remote(to, "__torch__.scripted_ops.echo", args)
+
+
+@torch.jit.script
+def keep(rs: List[torch.classes.torchrpc.RRef]) -> List[torch.classes.torchrpc.RRef]:
+    return rs
+
+
+def _register():
+    torchrpc.register(rref_sum)
+    torchrpc.register(sum_all)
+    torchrpc.register(keep)
+
+
+def hold(key, rref):
+    _held[key] = rref
+    return rref.owner_name()
+
+
+def drop(key):
+    _held.pop(key, None)  # refcounting frees it at once: RRefs make no cycles
+
+
+def pass_on(rref, to):
+    """Forks an RRef onward from a user: A -> B -> C."""
+    return torchrpc.rpc_sync(to, rref_sum, (rref,))
+
+
+def make_dict(**kwargs):
+    return dict(kwargs)
+
+
+def relay_back(rref):
+    return rref
+
+
+class Box:
+    def __init__(self, v):
+        self.v = v
+
+    def add(self, k):
+        self.v += k
+        return self.v
+
+
+def counts():
+    gc.collect()
+    info = torchrpc.debug_info()
+    return {k: info[k] for k in ("owned_values", "user_forks", "pending_children",
+                                 "unconfirmed_users", "live_users")}
+
+
+def settle(workers=("w0", "w1", "w2"), limit=10.0):
+    """Waits until every worker's RRef tables are empty; returns the last counts."""
+    deadline = time.monotonic() + limit
+    while True:
+        gc.collect()
+        seen = {w: torchrpc.rpc_sync(w, counts) for w in workers}
+        if all(not any(c.values()) for c in seen.values()) or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.05)
+
+
+def body_protocol(rank):
+    _register()
+    if rank != 0:
+        return None
+    x = torch.arange(4.0)
+    out = {}
+    r = torchrpc.remote("w1", scripted_ops.add, (x, x))
+    out["script"] = r.to_here()
+    out["meta"] = (r.is_owner(), r.owner_name(), r.owner().id)
+    out["confirmed"] = r.confirmed_by_owner()
+    out["builtin"] = torchrpc.remote("w2", torch.mul, (x, 3)).to_here()
+    out["python"] = torchrpc.remote("w1", make_dict, (), {"a": x}).to_here()
+    try:
+        r.local_value()
+    except RuntimeError as e:
+        out["local_value_error"] = str(e)
+    # A -> B (fork), B -> C (fork from a user), and back to the owner.
+    out["to_w2"] = torchrpc.rpc_sync("w2", rref_sum, (r,))
+    out["w2_to_w1_owner"] = torchrpc.rpc_sync("w2", pass_on, (r, "w1"))
+    out["w2_to_w0"] = torchrpc.rpc_sync("w2", pass_on, (r, "w0"))
+    back = torchrpc.rpc_sync("w2", relay_back, (r,))
+    out["relayed"] = (back.to_here(), back.owner_name())
+    # Nested: an RRef to a list of RRefs, owned on w2.
+    inner = [torchrpc.remote("w1", scripted_ops.echo, (x,)), torchrpc.RRef(x * 10)]
+    outer = torchrpc.remote("w2", keep, (inner,))  # w2 owns a list of RRefs
+    out["nested_values"] = [r.to_here() for r in outer.to_here()]
+    out["nested_sum"] = torchrpc.rpc_sync("w2", sum_all, (inner,))
+    # Proxies on a Python object.
+    box = torchrpc.remote("w1", Box, (1,))
+    out["proxy"] = (box.rpc_sync().add(2), box.rpc_async().add(3).wait(),
+                    box.remote().add(4).to_here())
+    # Failed creation raises on every use.
+    bad = torchrpc.remote("w1", scripted_ops.param_get, ("missing",))
+    errors = []
+    for _ in range(2):
+        try:
+            bad.to_here()
+        except Exception as e:
+            errors.append(str(e))
+    out["failed"] = errors
+    slow = torchrpc.remote("w1", scripted_ops.sleep_ms, (3000,))
+    t0 = time.monotonic()
+    try:
+        slow.to_here(timeout=0.2)
+    except TimeoutError as e:
+        out["timeout"] = (time.monotonic() - t0, str(e))
+    # TorchScript creates one too.
+    ts = remote_echo("w2", x)
+    out["torchscript"] = (ts.to_here(), ts.is_owner(), ts.owner_name())
+    # Calls on an RRef created moments ago (maybe not yet confirmed) work.
+    quick = [torchrpc.remote("w1", scripted_ops.echo, (x + i,)) for i in range(20)]
+    out["pipelined"] = [torchrpc.rpc_sync("w2", rref_sum, (q,)).item() for q in quick]
+    del r, back, inner, outer, box, bad, ts, quick
+    slow.to_here()
+    del slow
+    out["settled"] = settle()
+    return out
+
+
+def test_rref_protocol_across_three_workers():
+    out = run_workers(body_protocol, 3, options={"python_udf": True}, timeout=180)[0]
+    x = torch.arange(4.0)
+    assert torch.equal(out["script"], 2 * x)
+    assert out["meta"] == (False, "w1", 1)
+    assert out["confirmed"] is True
+    assert torch.equal(out["builtin"], 3 * x)
+    assert torch.equal(out["python"]["a"], x)
+    assert "owner" in out["local_value_error"] and "w1" in out["local_value_error"]
+    assert out["to_w2"].item() == out["w2_to_w1_owner"].item() == out["w2_to_w0"].item() == 12.0
+    assert torch.equal(out["relayed"][0], 2 * x) and out["relayed"][1] == "w1"
+    assert [t.tolist() for t in out["nested_values"]] == [x.tolist(), (10 * x).tolist()]
+    assert out["nested_sum"].item() == x.sum().item() * 11
+    assert out["proxy"] == (3, 6, 10)
+    assert len(out["failed"]) == 2 and all("missing" in e for e in out["failed"])
+    took, msg = out["timeout"]
+    assert took < 1.5 and "to_here" in msg
+    ts_value, ts_owner, ts_owner_name = out["torchscript"]
+    assert torch.equal(ts_value, x) and ts_owner is False and ts_owner_name == "w2"
+    assert out["pipelined"] == [x.sum().item() + 4 * i for i in range(20)]
+    for worker, c in out["settled"].items():
+        assert not any(c.values()), (worker, c)
+
+
+def body_soak(rank):
+    _register()
+    if rank != 0:
+        return None
+    x = torch.ones(16)
+    rss = []
+    for i in range(10_000):
+        r = torchrpc.remote("w1", scripted_ops.echo, (x,))
+        if i % 2 == 0:
+            torchrpc.rpc_sync("w2", hold, ("k", r))  # fork to w2, parked
+            torchrpc.rpc_sync("w2", drop, ("k",))
+        del r
+        if i in (2_000, 9_999):
+            rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return settle(limit=30.0), rss
+
+
+def test_leak_soak_returns_every_count_to_zero():
+    settled, rss = run_workers(body_soak, 3, options={"python_udf": True}, timeout=600)[0]
+    for worker, c in settled.items():
+        assert not any(c.values()), (worker, c)
+    assert rss[1] - rss[0] < 64 * 1024, rss  # KiB: flat, not growing with cycles
