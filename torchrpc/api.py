@@ -3,7 +3,9 @@ with little change; the work happens in torchrpc._C.Agent."""
 
 import atexit
 import dataclasses
+import gc
 import threading
+import warnings
 from typing import Any, Callable, Dict, Optional, Union
 
 import torch
@@ -14,6 +16,7 @@ from torchrpc.rref import RRef, _unwrap, _wrap
 from torchrpc.errors import (
     FunctionNotFoundError,
     PythonCallDisabledError,
+    RpcError,
     RpcShutdownError,
     RpcTimeoutError,
 )
@@ -44,6 +47,8 @@ class RpcOptions:
         unpickling runs arbitrary code).
     init_timeout: seconds to wait for every worker at rendezvous.
     shutdown_timeout: default seconds a graceful shutdown waits for peers.
+    rref_leaks: what a graceful shutdown does about RRefs still referenced
+        once every worker has finished: "ignore", "warn" or "raise".
     """
 
     num_worker_threads: int = 16
@@ -51,6 +56,7 @@ class RpcOptions:
     python_udf: bool = False
     init_timeout: float = 120.0
     shutdown_timeout: float = 120.0
+    rref_leaks: str = "warn"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,12 +160,16 @@ def shutdown(graceful: bool = True, timeout: Optional[float] = None):
     timeout = state.options.shutdown_timeout if timeout is None else timeout
     n = len(state.workers)
     ok = True
+    leaks = None
     try:
         if graceful:
             # Still serving (Python callables and RRef forks need _state) until
-            # every worker has finished its own calls.
+            # every worker has finished its own calls. Dropped RRefs send their
+            # deletes now, and the wait covers their acknowledgements.
+            gc.collect()
             ok = state.agent.wait_until_idle(timeout)
             ok = rendezvous.barrier(state.store, "torchrpc/shutdown/1", n, timeout) and ok
+            leaks = _rref_leaks(state) if ok else None
     finally:
         with _lock:
             _state = None
@@ -175,6 +185,24 @@ def shutdown(graceful: bool = True, timeout: Optional[float] = None):
             f"torchrpc: graceful shutdown timed out after {timeout} s "
             f"(pending calls or workers that never arrived); closed anyway"
         )
+    if leaks and state.options.rref_leaks == "raise":
+        raise RpcError(leaks)
+    if leaks:
+        warnings.warn(leaks, RuntimeWarning, stacklevel=2)
+
+
+def _rref_leaks(state: _State) -> Optional[str]:
+    """What RRefs are still referenced once every worker is done, or None."""
+    if state.options.rref_leaks == "ignore":
+        return None
+    info = state.agent.debug_info()
+    leaked = {k: info[k] for k in ("owned_values", "live_users", "pending_children") if info[k]}
+    if not leaked:
+        return None
+    return (
+        f"torchrpc: worker {state.self_info.name!r} shuts down with RRefs still referenced "
+        f"({leaked}); values owned here are freed now"
+    )
 
 
 def get_worker_info(name: Optional[str] = None) -> WorkerInfo:
