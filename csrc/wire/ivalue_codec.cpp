@@ -311,7 +311,11 @@ c10::IValue decodeAt(Reader& in, const std::vector<at::Tensor>& tensors, int dep
     case kVObject: {
       auto encoded = decodeAt(in, tensors, depth + 1);
       if (!objectCodec().decode) throwDecode("object without a codec");
-      return objectCodec().decode(encoded);
+      try {
+        return objectCodec().decode(encoded);
+      } catch (const std::exception& e) {
+        throwDecode(std::string("cannot rebuild ") + objectCodec().className + ": " + e.what());
+      }
     }
     default:
       throwDecode("unknown value tag " + std::to_string(tag) + " at offset " +
