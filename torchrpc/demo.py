@@ -22,6 +22,7 @@ import time
 import torch
 from torch import Tensor
 
+import scripted_ops
 import torchrpc
 
 WORLD_SIZE = 3  # when launched locally
@@ -51,12 +52,6 @@ def safe_sqrt(x: Tensor) -> Tensor:
 def where_am_i(greeting: str) -> str:
     """Plain Python (not TorchScript): runs only where python_udf=True."""
     return f"{greeting} from pid {os.getpid()} ({sys.platform}, Python {sys.version.split()[0]})"
-
-
-def slow(seconds: float) -> str:
-    """Plain Python: sleeps, to show a call timing out."""
-    time.sleep(seconds)
-    return "finished"
 
 
 # ---------------------------------------------------------------------------
@@ -100,12 +95,16 @@ def tour(world_size: int):
 
     t0 = time.perf_counter()
     try:
-        torchrpc.rpc_sync(w1, slow, (1.0,), timeout=0.2)
+        torchrpc.rpc_sync(w1, scripted_ops.sleep_ms, (1000,), timeout=0.2)
         say("timeout", "DID NOT TIME OUT (unexpected)")
     except torchrpc.RpcTimeoutError as e:
         say("timeout", f"caught RpcTimeoutError after {time.perf_counter() - t0:.2f} s: {e}")
-    say("", "(slow() is a Python function: TorchScript has no sleep op. The callee")
-    say("", " still finishes its 1 s sleep; the late reply is dropped.)")
+    say("", "(the callee still finishes its 1 s sleep; the late reply is dropped)")
+
+    r = torchrpc.remote(w1, scripted_ops.add, (torch.ones(2), torch.ones(2)))
+    total = torchrpc.rpc_sync(w2, torch.sum, (r.to_here(),))
+    say("remote", f"RRef owned by {r.owner_name()}: to_here() -> {r.to_here().tolist()}, "
+                  f"summed on {w2} -> {total.item()}")
 
     small = torch.ones(4)
     for _ in range(50):  # warm up
@@ -126,7 +125,7 @@ def run_worker(rank: int, world_size: int, init_method: str):
         world_size=world_size,
         init_method=init_method,
         # python_udf=True lets peers run pickled Python functions here
-        # (where_am_i, slow). Off by default: unpickling runs arbitrary code.
+        # (where_am_i). Off by default: unpickling runs arbitrary code.
         options=torchrpc.RpcOptions(python_udf=True),
     )
     try:

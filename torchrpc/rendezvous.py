@@ -61,8 +61,11 @@ def check_name(name: str):
 
 
 def open_store(host: str, port: int, rank: int, world_size: int, timeout: float) -> TCPStore:
+    # Under torchrun the elastic agent already hosts a store on MASTER_PORT.
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     return TCPStore(
-        host, port, world_size, rank == 0, timedelta(seconds=timeout), wait_for_workers=False
+        host, port, world_size, rank == 0 and not agent_hosts, timedelta(seconds=timeout),
+        wait_for_workers=False,
     )
 
 

@@ -23,6 +23,11 @@ void tuneSocket(int fd) {
   int one = 1;
   ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
   ::setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
+  // Large tensors move in fewer, larger copies with big kernel buffers
+  // (the kernel caps these at net.core.[rw]mem_max).
+  int bytes = 4 << 20;
+  ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof(bytes));
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof(bytes));
 }
 
 std::pair<std::string, int> splitAddress(const std::string& address) {
@@ -111,9 +116,14 @@ class TcpTransport::TcpConnection : public Connection,
   }
   void recvAll(char* dst, size_t n) {
     while (n > 0) {
-      size_t got = recvSome(dst, n);
+      ssize_t got = ::recv(fd_, dst, n, MSG_WAITALL);  // one wake-up per large read
+      if (got == 0) throwPeerLost("connection closed by peer");
+      if (got < 0) {
+        if (errno == EINTR) continue;
+        throwPeerLost(errnoText("receive failed"));
+      }
       dst += got;
-      n -= got;
+      n -= static_cast<size_t>(got);
     }
   }
 
