@@ -292,17 +292,24 @@ def _script_target(state, dst, func):
     return None
 
 
-def _invoke(to, func, args, kwargs, timeout, sync: bool):
+def _prepare(to, func, args, kwargs, timeout):
+    """What every call resolves first: (state, destination id, args, kwargs,
+    timeout for the agent, script target or None for a Python callable)."""
     state = _current()
     dst = _worker_id(state, to)
     args = tuple(args) if args is not None else ()
     kwargs = dict(kwargs) if kwargs is not None else {}
-    t = _timeout(timeout)
-    agent = state.agent
     target = _script_target(state, dst, func)
     if target is not None:
-        kind, name, schema = target
         args, kwargs = _unwrap(args), _unwrap(kwargs)
+    return state, dst, args, kwargs, _timeout(timeout), target
+
+
+def _invoke(to, func, args, kwargs, timeout, sync: bool):
+    state, dst, args, kwargs, t, target = _prepare(to, func, args, kwargs, timeout)
+    agent = state.agent
+    if target is not None:
+        kind, name, schema = target
         if kind == "script":
             result = agent.script_call(dst, name, schema, args, kwargs, t, sync)
         else:
@@ -364,16 +371,10 @@ def rpc_async(to, func, args=None, kwargs=None, timeout: Optional[float] = None)
 def remote(to, func, args=None, kwargs=None, timeout: Optional[float] = None) -> RRef:
     """Runs `func(*args, **kwargs)` on worker `to`, which keeps the result, and
     returns an RRef to it at once. Same `func` forms and opt-in rule as rpc_sync."""
-    state = _current()
-    dst = _worker_id(state, to)
-    args = tuple(args) if args is not None else ()
-    kwargs = dict(kwargs) if kwargs is not None else {}
-    t = _timeout(timeout)
+    state, dst, args, kwargs, t, target = _prepare(to, func, args, kwargs, timeout)
     agent = state.agent
-    target = _script_target(state, dst, func)
     if target is not None:
         kind, name, schema = target
-        args, kwargs = _unwrap(args), _unwrap(kwargs)
         if kind == "script":
             obj = agent.remote_script(dst, name, schema, args, kwargs, t)
         else:

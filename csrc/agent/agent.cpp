@@ -67,6 +67,13 @@ RemoteException describeCurrentException() {
   }
 }
 
+// A Python result as the future's value: (pickled, tensors), unpickled by
+// the Python layer under the GIL.
+c10::IValue pickledTuple(PickledValue& v) {
+  return c10::IValue(c10::ivalue::Tuple::create(c10::IValue(std::move(v.bytes)),
+                                                c10::IValue(c10::List<at::Tensor>(std::move(v.tensors)))));
+}
+
 }  // namespace
 
 Agent::Agent(WorkerInfo self, AgentOptions options)
@@ -338,26 +345,18 @@ void Agent::completeResponse(Message&& response) {
       case MessageType::kScriptRet:
         p.future->markCompleted(std::move(ScriptRet::fromMessage(response)->value()));
         return;
-      case MessageType::kPythonRet: {
-        auto ret = PythonRet::fromMessage(response);
-        auto& v = ret->value();
-        p.future->markCompleted(c10::IValue(c10::ivalue::Tuple::create(
-            c10::IValue(v.bytes), c10::IValue(c10::List<at::Tensor>(std::move(v.tensors))))));
+      case MessageType::kPythonRet:
+        p.future->markCompleted(pickledTuple(PythonRet::fromMessage(response)->value()));
         return;
-      }
       case MessageType::kSchemaRet:
         p.future->markCompleted(c10::IValue(SchemaRet::fromMessage(response)->value()));
         return;
       case MessageType::kScriptRRefFetchRet:
         p.future->markCompleted(std::move(ScriptRRefFetchRet::fromMessage(response)->value()));
         return;
-      case MessageType::kPythonRRefFetchRet: {
-        auto ret = PythonRRefFetchRet::fromMessage(response);
-        auto& v = ret->value();
-        p.future->markCompleted(c10::IValue(c10::ivalue::Tuple::create(
-            c10::IValue(v.bytes), c10::IValue(c10::List<at::Tensor>(std::move(v.tensors))))));
+      case MessageType::kPythonRRefFetchRet:
+        p.future->markCompleted(pickledTuple(PythonRRefFetchRet::fromMessage(response)->value()));
         return;
-      }
       case MessageType::kRemoteRet:
       case MessageType::kRRefAck:
         decodeFields(response, response.type);  // validate, nothing to keep

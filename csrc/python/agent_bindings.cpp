@@ -33,15 +33,20 @@ py::object finish(const FuturePtr& fut, bool sync) {
                                            agent.worker(to).name + "': " + e.what());
 }
 
-py::object scriptCall(Agent& agent, int64_t to, const std::string& name, const c10::FunctionSchema& schema,
-                      const py::tuple& args, const py::dict& kwargs, double timeout, bool sync) {
-  torch::jit::Stack stack;
+// The full positional stack for `schema`, defaults filled, checked here.
+torch::jit::Stack scriptStack(Agent& agent, int64_t to, const std::string& name,
+                              const c10::FunctionSchema& schema, const py::tuple& args, const py::dict& kwargs) {
   try {
-    stack = torch::jit::createStackForSchema(schema, args, py::reinterpret_borrow<py::kwargs>(kwargs),
-                                             std::nullopt);
+    return torch::jit::createStackForSchema(schema, args, py::reinterpret_borrow<py::kwargs>(kwargs),
+                                            std::nullopt);
   } catch (const std::exception& e) {
     badArguments(agent, to, name, e);
   }
+}
+
+py::object scriptCall(Agent& agent, int64_t to, const std::string& name, const c10::FunctionSchema& schema,
+                      const py::tuple& args, const py::dict& kwargs, double timeout, bool sync) {
+  torch::jit::Stack stack = scriptStack(agent, to, name, schema, args, kwargs);
   FuturePtr fut;
   {
     py::gil_scoped_release release;
@@ -153,13 +158,7 @@ py::object startRemote(Agent& agent, int64_t to, const std::string& what, bool i
 
 py::object remoteScript(Agent& agent, int64_t to, const std::string& name, const c10::FunctionSchema& schema,
                         const py::tuple& args, const py::dict& kwargs, double timeout) {
-  torch::jit::Stack stack;
-  try {
-    stack = torch::jit::createStackForSchema(schema, args, py::reinterpret_borrow<py::kwargs>(kwargs),
-                                             std::nullopt);
-  } catch (const std::exception& e) {
-    badArguments(agent, to, name, e);
-  }
+  torch::jit::Stack stack = scriptStack(agent, to, name, schema, args, kwargs);
   return startRemote(agent, to, name, false, timeout, [&](const RRefId& id, const ForkId& fork) {
     return ScriptRemoteCall(name, stack, false, id, fork).toMessage();
   });
