@@ -8,9 +8,11 @@ per phase, each starting its backend with a fresh free port and shutting it
 down before the next phase. The full run does torchrpc, TensorPipe,
 TensorPipe, torchrpc (--order) and keeps each metric's best over a backend's
 two phases, which evens out drift and background load; --quick runs each
-once. Rank 0 ("w0") measures, rank 1 ("w1") only serves. Both processes
-import this module, so both see the same module-level functions (the
-TorchScript functions below and the Python UDFs).
+once. TensorPipe's RRef cases run in its first phase only (torch.distributed.rpc
+cannot use RRefs after a second init_rpc in one process). Rank 0 ("w0")
+measures, rank 1 ("w1") only serves. Both processes import this module, so
+both see the same module-level functions (the TorchScript functions below and
+the Python UDFs).
 
 Prints a table with torchrpc / TensorPipe ratios and writes JSON to
 benchmarks/results/rpc.json (see --out).
@@ -33,10 +35,15 @@ import statistics
 import sys
 import time
 import traceback
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
+from torch.distributed.rpc import RRef as DistRRef
+
+# Loads torchrpc._C too: the TorchScript below uses torch.ops.torchrpc and
+# torch.classes.torchrpc, which must exist before it compiles.
+import scripted_ops
 
 WORLD_SIZE = 2
 CALLEE = "w1"
@@ -60,7 +67,45 @@ def py_add_one(x):
     return x + 1
 
 
-SCRIPT_FUNCTIONS = [add_one, echo]
+@torch.jit.script
+def rref_sum(r: torch.classes.torchrpc.RRef) -> Tensor:
+    """torchrpc: fetches an RRef's tensor (here on its owner) and sums it."""
+    v = r.to_here()
+    assert isinstance(v, torch.Tensor)
+    return v.sum()
+
+
+@torch.jit.script
+def anchor_rref_sum(r: DistRRef[Tensor]) -> Tensor:
+    """torch.distributed.rpc: rref_sum's TorchScript twin."""
+    return r.to_here().sum()
+
+
+SCRIPT_FUNCTIONS = [add_one, echo, rref_sum]  # torchrpc registers these on both ranks
+
+# TorchScript callers: the whole call loop runs inside TorchScript (no Python
+# per call). Both wait on each call before sending the next.
+
+
+@torch.jit.script
+def torchrpc_script_caller(to: str, qualified_name: str, x: Tensor, n: int,
+                           timeout: float) -> Tensor:
+    args: List[Any] = [x]
+    out = x
+    for _ in range(n):
+        v = torch.ops.torchrpc.rpc_async(to, qualified_name, args, timeout).wait()
+        assert isinstance(v, torch.Tensor)
+        out = v
+    return out
+
+
+@torch.jit.script
+def anchor_script_caller(to: str, x: Tensor, n: int) -> Tensor:
+    out = x
+    for _ in range(n):
+        out = torch.distributed.rpc.rpc_async(to, add_one, (x,)).wait()
+    return out
+
 
 # ---------------------------------------------------------------------------
 # Configuration
@@ -77,6 +122,13 @@ class Config:
     pipeline_repeats: int = 7
     # Large tensor round trips: (label, float32 elements, warm-up, repeats).
     big: tuple = (("1MiB", 1 << 18, 10, 100), ("64MiB", 1 << 24, 2, 10))
+    # TorchScript caller: calls per timed batch, warm-up and measured batches.
+    script_batch: int = 50
+    script_warmup_batches: int = 6
+    script_batches: int = 60
+    # RRef cases: warm-up and measured round trips.
+    rref_warmup: int = 200
+    rref_iters: int = 2000
     rpc_timeout: float = 60.0
     init_timeout: float = 60.0
     shutdown_timeout: float = 60.0
@@ -93,6 +145,10 @@ class Config:
             pipeline_calls=1000,
             pipeline_repeats=3,
             big=(("1MiB", 1 << 18, 3, 10), ("64MiB", 1 << 24, 1, 3)),
+            script_warmup_batches=1,
+            script_batches=6,
+            rref_warmup=30,
+            rref_iters=150,
         )
 
 
@@ -119,6 +175,13 @@ class Backend:
 
     def rpc_async(self, func, args=()):
         raise NotImplementedError
+
+    def remote(self, func, args=()):
+        """An RRef (with .to_here()) to func(*args) kept on the callee."""
+        raise NotImplementedError
+
+    def check_rrefs(self):
+        """Raises Skip where this phase cannot use RRefs."""
 
 
 class TorchRpcBackend(Backend):
@@ -154,15 +217,21 @@ class TorchRpcBackend(Backend):
     def rpc_async(self, func, args=()):
         return self.rpc.rpc_async(CALLEE, func, args)
 
+    def remote(self, func, args=()):
+        return self.rpc.remote(CALLEE, func, args)
+
 
 class TensorPipeBackend(Backend):
     kind = "tensorpipe"
     label = "TensorPipe"
+    _inits = 0  # per process: init_rpc calls so far
 
     def init(self, rank, port, cfg):
         import torch.distributed.rpc as rpc
 
         self.rpc = rpc
+        TensorPipeBackend._inits += 1
+        self.generation = TensorPipeBackend._inits
         rpc.init_rpc(
             f"w{rank}",
             rank=rank,
@@ -175,11 +244,23 @@ class TensorPipeBackend(Backend):
     def shutdown(self, cfg):
         self.rpc.shutdown(graceful=True)
 
+    def check_rrefs(self):
+        # torch.distributed.rpc's RRefContext is a process-wide singleton bound
+        # to the first agent: after shutdown() and a second init_rpc, RRef
+        # forks, acks and deletes still go to the dead agent ("RPC is no longer
+        # running on this node"), RRefs leak and graceful shutdown hangs.
+        if self.generation > 1:
+            raise Skip("torch.distributed.rpc RRefs only work under a process's first "
+                       "init_rpc; measured in the first TensorPipe phase only")
+
     def rpc_sync(self, func, args=()):
         return self.rpc.rpc_sync(CALLEE, func, args)
 
     def rpc_async(self, func, args=()):
         return self.rpc.rpc_async(CALLEE, func, args)
+
+    def remote(self, func, args=()):
+        return self.rpc.remote(CALLEE, func, args)
 
 
 BACKENDS: Dict[str, Callable[[], Backend]] = {
@@ -289,6 +370,99 @@ def _make_big_case(label: str):
     return case_big
 
 
+def case_torchscript_caller(b: Backend, cfg: Config):
+    """rpc_async(...).wait() looped inside TorchScript; per call, from batches."""
+    x = torch.arange(4, dtype=torch.float32)
+    if b.kind == "torchrpc":
+        name = scripted_ops.add_one.qualified_name  # "__torch__.scripted_ops.add_one"
+
+        def loop(n: int) -> Tensor:
+            return torchrpc_script_caller(CALLEE, name, x, n, -1.0)  # -1: default timeout
+    else:
+        def loop(n: int) -> Tensor:
+            return anchor_script_caller(CALLEE, x, n)
+    _check(loop(1), x + 1, f"{b.label} TorchScript caller")
+    n = cfg.script_batch
+    for _ in range(cfg.script_warmup_batches):
+        loop(n)
+    gc.collect()
+    per_call = []
+    clock = time.perf_counter_ns
+    for _ in range(cfg.script_batches):
+        t0 = clock()
+        loop(n)
+        per_call.append((clock() - t0) / 1e3 / n)
+    per_call.sort()
+    return {"p50_us": _percentile(per_call, 0.50), "min_us": per_call[0]}
+
+
+def _rref_echo(b: Backend):
+    """The echo function remote() runs on the callee."""
+    return scripted_ops.echo if b.kind == "torchrpc" else echo
+
+
+def _rref_latency_case(b: Backend, cfg: Config, call, want, what) -> Dict[str, float]:
+    """Latencies of call(); each RRef is created and dropped inside the timed call.
+
+    A call that fails is counted, not timed, and the run goes on, so that an
+    intermittent failure (a protocol race) is reported with how often it
+    happens; the case then fails, the successful calls' p50 in its message.
+    """
+    failures: List[str] = []
+    failed = object()
+
+    def guarded():
+        try:
+            return call()
+        except Exception as e:
+            failures.append(f"{type(e).__name__}: {e}")
+            return failed
+
+    for _ in range(max(1, cfg.rref_warmup)):  # warm-up calls' results are checked
+        got = guarded()
+        if got is not failed:
+            _check(got, want, f"{b.label} {what}")
+    gc.collect()
+    lat = []
+    clock = time.perf_counter_ns
+    for _ in range(cfg.rref_iters):
+        t0 = clock()
+        ok = guarded() is not failed
+        t = (clock() - t0) / 1e3
+        if ok:
+            lat.append(t)
+    lat.sort()
+    if failures:
+        total = max(1, cfg.rref_warmup) + cfg.rref_iters
+        raise AssertionError(
+            f"{b.label} {what}: {len(failures)} of {total} calls failed (first: {failures[0]}); "
+            f"p50 of the {len(lat)} timed calls that worked: {_percentile(lat, 0.50):.0f} us")
+    return {"p50_us": _percentile(lat, 0.50), "p99_us": _percentile(lat, 0.99)}
+
+
+def case_rref_roundtrip(b: Backend, cfg: Config):
+    """remote(echo, x).to_here()."""
+    b.check_rrefs()
+    x = torch.arange(4, dtype=torch.float32)
+    fn = _rref_echo(b)
+    return _rref_latency_case(b, cfg, lambda: b.remote(fn, (x,)).to_here(), x,
+                              "remote echo + to_here")
+
+
+def case_rref_fork_chain(b: Backend, cfg: Config):
+    """remote(echo, x) on w1, then rpc_sync to w1 (the owner) of a scripted
+    function that takes the RRef and fetches it: a fork sent back to the owner."""
+    b.check_rrefs()
+    x = torch.arange(4, dtype=torch.float32)
+    fn = _rref_echo(b)
+    summer = rref_sum if b.kind == "torchrpc" else anchor_rref_sum
+
+    def call():
+        return b.rpc_sync(summer, (b.remote(fn, (x,)),))
+
+    return _rref_latency_case(b, cfg, call, x.sum(), "remote echo + fork to owner")
+
+
 @dataclasses.dataclass
 class Metric:
     key: str  # key in the case's result dict
@@ -320,9 +494,14 @@ CASES: List[Case] = [
          [Metric("median_ms", "ms", "lower"), Metric("min_ms", "ms", "lower", show=False)]),
     Case("echo_64MiB", "echo 64 MiB float32 round trip", _make_big_case("64MiB"),
          [Metric("median_ms", "ms", "lower", 1.0), Metric("min_ms", "ms", "lower", show=False)]),
-    # Later: a @torch.jit.script caller looping rpc_async(...).wait() inside
-    # TorchScript (torch.ops.torchrpc.rpc_async vs the anchor's
-    # torch.distributed.rpc.rpc_async), and remote() + to_here().
+    Case("torchscript_caller", "rpc_async(add_one).wait() looped in TorchScript, per call",
+         case_torchscript_caller,
+         [Metric("p50_us", "us", "lower", 0.8), Metric("min_us", "us", "lower", show=False)]),
+    Case("rref_roundtrip", "remote(echo, 4 floats).to_here()", case_rref_roundtrip,
+         [Metric("p50_us", "us", "lower", 0.8), Metric("p99_us", "us", "lower", show=False)]),
+    Case("rref_fork_chain", "remote(echo) on w1 + rpc_sync(w1, rref_sum, (rref,))",
+         case_rref_fork_chain,
+         [Metric("p50_us", "us", "lower", 0.8), Metric("p99_us", "us", "lower", show=False)]),
 ]
 
 # ---------------------------------------------------------------------------

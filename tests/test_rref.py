@@ -150,6 +150,11 @@ def body_protocol(rank):
     # Calls on an RRef created moments ago (maybe not yet confirmed) work.
     quick = [torchrpc.remote("w1", scripted_ops.echo, (x + i,)) for i in range(20)]
     out["pipelined"] = [torchrpc.rpc_sync("w2", rref_sum, (q,)).item() for q in quick]
+    # A fork sent straight back to the owner may overtake the call creating it.
+    out["to_owner_at_once"] = [
+        torchrpc.rpc_sync("w1", rref_sum, (torchrpc.remote("w1", scripted_ops.echo, (x,)),)).item()
+        for _ in range(200)
+    ]
     del r, back, inner, outer, box, bad, ts, quick
     slow.to_here()
     del slow
@@ -177,6 +182,7 @@ def test_rref_protocol_across_three_workers():
     ts_value, ts_owner, ts_owner_name = out["torchscript"]
     assert torch.equal(ts_value, x) and ts_owner is False and ts_owner_name == "w2"
     assert out["pipelined"] == [x.sum().item() + 4 * i for i in range(20)]
+    assert out["to_owner_at_once"] == [x.sum().item()] * 200
     for worker, c in out["settled"].items():
         assert not any(c.values()), (worker, c)
 

@@ -175,11 +175,10 @@ RRefPtr RRefContext::unfork(const c10::IValue& info) {
     RRefPtr owner, drop;
     {
       std::lock_guard<std::mutex> g(mu_);
-      auto it = owners_.find(id);
-      if (it == owners_.end()) throwDecode("RRef " + id.str() + " is not owned here");
-      owner = it->second.rref;
+      // The remote() creating the value may still be queued behind this message.
+      owner = ownerAheadOfCreationLocked(id);
       if (parent == self) {
-        it->second.forks.erase(forkId);  // a fork we sent ourselves: nobody will delete it
+        owners_[id].forks.erase(forkId);  // a fork we sent ourselves: nobody will delete it
         drop = maybeEraseLocked(id);
       }
     }
