@@ -331,3 +331,46 @@ def test_graceful_shutdown_reports_leaked_rrefs():
     owner, user = run_workers(body_leak_report, 2, options={"rref_leaks": "raise"})
     assert "'w0'" in owner and "owned_values" in owner
     assert "'w1'" in user and "live_users" in user
+
+
+# -- ScriptModules holding RRefs -------------------------------------------------
+
+
+class Holder(torch.nn.Module):
+    """A module whose attribute is an RRef; forward fetches it."""
+
+    def __init__(self, r):
+        super().__init__()
+        self.r = r
+
+    def forward(self) -> torch.Tensor:
+        v = self.r.to_here()
+        assert isinstance(v, torch.Tensor)
+        return v + 1
+
+
+def load_and_run(path):
+    return torch.jit.load(path)()
+
+
+def body_saved_module(rank):
+    if rank != 0:
+        return None
+    import os
+    import tempfile
+
+    r = torchrpc.remote("w1", scripted_ops.echo, (torch.arange(3.0),))
+    m = torch.jit.script(Holder(r.torchscript()))
+    path = os.path.join(tempfile.mkdtemp(), "holder.pt")
+    torch.jit.save(m, path)
+    here = m()
+    there = torchrpc.rpc_sync("w2", load_and_run, (path,))  # a fresh load on another worker
+    del m, r
+    return here, there, settle()
+
+
+def test_script_module_holding_an_rref_survives_save_and_load():
+    here, there, settled = run_workers(body_saved_module, 3, options={"python_udf": True})[0]
+    assert here.tolist() == there.tolist() == [1.0, 2.0, 3.0]
+    for worker, c in settled.items():
+        assert not any(c.values()), (worker, c)

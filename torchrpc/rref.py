@@ -80,6 +80,11 @@ class RRef:
             )
         return self.to_here()
 
+    def torchscript(self):
+        """This reference as a torch.classes.torchrpc.RRef, for TorchScript code
+        (arguments, attributes of ScriptModules, torch.jit.save)."""
+        return self._c
+
     def rpc_sync(self, timeout: Optional[float] = None):
         """Proxy: rref.rpc_sync().method(*args) runs value.method on the owner."""
         return _Proxy(self, "rpc_sync", timeout)

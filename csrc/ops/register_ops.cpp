@@ -68,6 +68,23 @@ void remoteKernel(const c10::OperatorHandle&, torch::jit::Stack* stack) {
   torch::jit::push(*stack, c10::IValue(std::move(rref)));
 }
 
+// A fork as flat integers, the form def_pickle can type:
+// [owner, rref id (2), fork id (2), parent, is_python].
+std::vector<int64_t> forkState(const c10::IValue& info) {
+  const auto& e = info.toTupleRef().elements();
+  auto rref = GloballyUniqueId::fromIValue(e[1]);
+  auto fork = GloballyUniqueId::fromIValue(e[2]);
+  return {e[0].toInt(), rref.createdOn, rref.localId, fork.createdOn, fork.localId, e[3].toInt(),
+          e[4].toBool() ? 1 : 0};
+}
+
+c10::IValue forkInfo(const std::vector<int64_t>& s) {
+  if (s.size() != 7) throw RpcError(ErrorKind::kDecode, "torchrpc: malformed saved RRef");
+  return c10::IValue(c10::ivalue::Tuple::create(
+      {c10::IValue(s[0]), GloballyUniqueId{s[1], s[2]}.toIValue(), GloballyUniqueId{s[3], s[4]}.toIValue(),
+       c10::IValue(s[5]), c10::IValue(s[6] != 0)}));
+}
+
 c10::IValue waitFor(const FuturePtr& fut) {
   fut->wait();
   if (fut->hasError()) std::rethrow_exception(fut->exception_ptr());
@@ -115,7 +132,11 @@ TORCH_LIBRARY(torchrpc, m) {
       .def("local_value", &rrefLocalValue)
       .def("is_owner", [](const RRefPtr& self) { return self->isOwner(); })
       .def("owner_name", [](const RRefPtr& self) { return currentAgent()->worker(self->ownerId()).name; })
-      .def("confirmed_by_owner", [](const RRefPtr& self) { return self->confirmed(); });
+      .def("confirmed_by_owner", [](const RRefPtr& self) { return self->confirmed(); })
+      // torch.jit.save writes a fork (the saver keeps the value alive for it,
+      // as for a fork in a message); torch.jit.load registers that fork.
+      .def_pickle([](const RRefPtr& self) { return forkState(currentAgent()->rrefs().fork(self)); },
+                  [](std::vector<int64_t> state) { return currentAgent()->rrefs().unfork(forkInfo(state)); });
   m.def(effectful("remote(str to, str qualified_name, Any[] args, float timeout=-1.0) -> "
                   "__torch__.torch.classes.torchrpc.RRef"),
         torch::CppFunction::makeFromBoxedFunction<&remoteKernel>());
