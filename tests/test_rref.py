@@ -107,6 +107,9 @@ def body_protocol(rank):
     r = torchrpc.remote("w1", scripted_ops.add, (x, x))
     out["script"] = r.to_here()
     out["meta"] = (r.is_owner(), r.owner_name(), r.owner().id)
+    deadline = time.monotonic() + 5  # REMOTE_RET may trail the fetch's answer
+    while not r.confirmed_by_owner() and time.monotonic() < deadline:
+        time.sleep(0.001)
     out["confirmed"] = r.confirmed_by_owner()
     out["builtin"] = torchrpc.remote("w2", torch.mul, (x, 3)).to_here()
     out["python"] = torchrpc.remote("w1", make_dict, (), {"a": x}).to_here()

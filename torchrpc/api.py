@@ -84,9 +84,14 @@ class _State:
 _state: Optional[_State] = None
 _lock = threading.Lock()
 _registered: Dict[str, torch.jit.ScriptFunction] = {}
+_initializing = threading.Event()  # set while init_rpc runs
+_initialized = threading.Event()  # set when init_rpc finished (or failed)
 
 
 def _current() -> _State:
+    if _state is None and _initializing.is_set():
+        # A peer that finished rendezvous first may already be calling us.
+        _initialized.wait(timeout=60)
     if _state is None:
         raise RpcShutdownError("torchrpc: RPC is not running (call torchrpc.init_rpc first)")
     return _state
@@ -112,36 +117,48 @@ def init_rpc(
     with _lock:
         if _state is not None:
             raise RuntimeError("torchrpc: init_rpc was already called in this process")
-        my_host = rendezvous.local_address_towards(host)
-        store = rendezvous.open_store(host, port, rank, world_size, options.init_timeout)
-        agent = _C.Agent(
-            name, rank, options.num_worker_threads, float(options.rpc_timeout),
-            options.python_udf, my_host, my_host,
-        )
-        # Ready to serve before anyone can learn our address.
-        agent.set_python_hooks(
-            python_udf.run_python_call, python_udf.run_python_remote, python_udf.dumps
-        )
-        for fn in scripted_ops.ALL:
-            agent.register_function(fn.qualified_name, fn)
-        for qualified_name, fn in _registered.items():
-            agent.register_function(qualified_name, fn)
-        _C.set_current_agent(agent)
+        _initialized.clear()
+        _initializing.set()
         try:
-            infos = rendezvous.exchange(
-                store, rank, world_size,
-                {"name": name, "address": agent.address, "python_udf": options.python_udf},
-                options.init_timeout,
-            )
-        except BaseException:
-            _C.set_current_agent(None)
-            agent.shutdown()
-            raise
-        agent.set_workers([(w["name"], w["address"], w["python_udf"]) for w in infos])
-        state = _State(agent, store, [WorkerInfo(w["name"], r) for r, w in enumerate(infos)], options)
-        state.python_udf = [w["python_udf"] for w in infos]
-        state.self_info = state.workers[rank]
-        _state = state
+            _start(name, rank, world_size, host, port, options)
+        finally:
+            _initializing.clear()
+            _initialized.set()
+
+
+def _start(name, rank, world_size, host, port, options):
+    """Rendezvous and agent start-up; init_rpc's body."""
+    global _state
+    my_host = rendezvous.local_address_towards(host)
+    store = rendezvous.open_store(host, port, rank, world_size, options.init_timeout)
+    agent = _C.Agent(
+        name, rank, options.num_worker_threads, float(options.rpc_timeout),
+        options.python_udf, my_host, my_host,
+    )
+    # Ready to serve before anyone can learn our address.
+    agent.set_python_hooks(
+        python_udf.run_python_call, python_udf.run_python_remote, python_udf.dumps
+    )
+    for fn in scripted_ops.ALL:
+        agent.register_function(fn.qualified_name, fn)
+    for qualified_name, fn in _registered.items():
+        agent.register_function(qualified_name, fn)
+    _C.set_current_agent(agent)
+    try:
+        infos = rendezvous.exchange(
+            store, rank, world_size,
+            {"name": name, "address": agent.address, "python_udf": options.python_udf},
+            options.init_timeout,
+        )
+    except BaseException:
+        _C.set_current_agent(None)
+        agent.shutdown()
+        raise
+    agent.set_workers([(w["name"], w["address"], w["python_udf"]) for w in infos])
+    state = _State(agent, store, [WorkerInfo(w["name"], r) for r, w in enumerate(infos)], options)
+    state.python_udf = [w["python_udf"] for w in infos]
+    state.self_info = state.workers[rank]
+    _state = state
 
 
 def shutdown(graceful: bool = True, timeout: Optional[float] = None):
