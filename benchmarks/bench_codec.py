@@ -4,10 +4,10 @@ and how many times a large tensor's bytes are copied.
 
 Why measure copies: for large tensors the codec should cost what moving the
 bytes costs. The Python API (messages.encode/decode) is not the transport's
-path, and it copies more:
+path: it must return bytes, so encode copies once where the transport does not:
 
-  encode, Python: frameToBytes appends every chunk into a std::string (copy 1),
-                  then pybind11 copies that string into a bytes object (copy 2).
+  encode, Python: encode_message copies every chunk once, straight into the
+                  bytes object it returns (copy 1).
   encode, C++ transport: encodeFrame borrows the tensor's memory and the
                   transport writev()s from it: 0 copies in user space.
   decode, Python and C++: readFrame allocates each storage once at its final
@@ -105,7 +105,7 @@ def main():
     large_result["decode_GBps"] = LARGE_BYTES / large_result["decode_us"] / 1e3
     large_result.update(decode_owns_its_storage(large.encode()))
     results["copies_by_design"] = {
-        "python_encode": 2, "cpp_transport_encode": 0,
+        "python_encode": 1, "cpp_transport_encode": 0,
         "python_decode": 1, "cpp_transport_decode": 1,
     }
     results["machine"] = {"python": sys.version.split()[0], "torch": torch.__version__,
@@ -123,7 +123,7 @@ def main():
     print(f"{'one 64 MiB copy, warm':<28}{baseline['copy_warm_us'] / 1e3:>11.2f} ms")
     print()
     print("copies of a large tensor's bytes     measured   by design")
-    print(f"  Python encode (messages.encode) {big['encode_copies_measured']:>10.2f} {2:>10}")
+    print(f"  Python encode (messages.encode) {big['encode_copies_measured']:>10.2f} {1:>10}")
     print(f"  Python decode (messages.decode) {big['decode_copies_measured']:>10.2f} {1:>10}")
     print(f"  C++ transport encode (writev)   {'n/a':>10} {0:>10}")
     print(f"  C++ transport decode (recv)     {'n/a':>10} {1:>10}")

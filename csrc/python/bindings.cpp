@@ -84,12 +84,20 @@ py::bytes encodeMessage(int type, int64_t id, const py::list& items) {
   auto command = unwrapCommand(wrapped);
   Message m = std::move(*command).toMessage();
   m.id = id;
-  std::string bytes;
+  // One copy: tensor bytes go straight from the tensors into the bytes object.
+  EncodedFrame frame = encodeFrame(m);
+  auto out = py::reinterpret_steal<py::bytes>(
+      PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(frame.totalBytes)));
+  if (!out) throw py::error_already_set();
+  char* dst = PyBytes_AS_STRING(out.ptr());
   {
-    py::gil_scoped_release release;
-    bytes = frameToBytes(m);
+    py::gil_scoped_release release;  // nobody else can see `out` yet
+    for (const auto& chunk : frame.chunks) {
+      std::memcpy(dst, chunk.data, chunk.size);
+      dst += chunk.size;
+    }
   }
-  return py::bytes(bytes);
+  return out;
 }
 
 py::tuple decodeMessage(const py::buffer& data) {

@@ -394,14 +394,6 @@ class MemorySource : public ByteSource {
 };
 }  // namespace
 
-std::string frameToBytes(const Message& message) {
-  EncodedFrame f = encodeFrame(message);
-  std::string out;
-  out.reserve(f.totalBytes);
-  for (const auto& c : f.chunks) out.append(c.data, c.size);
-  return out;
-}
-
 Message frameFromBytes(const char* data, size_t size, const FrameLimits& limits) {
   MemorySource src(data, size);
   Message m = readFrame(src, limits);

@@ -56,8 +56,7 @@ class ByteSource {
 // or allocates beyond what the header, checked against `limits`, allows.
 Message readFrame(ByteSource& source, const FrameLimits& limits);
 
-// Whole-frame helpers for Python, tests and tools (one copy each way).
-std::string frameToBytes(const Message& message);
+// Decodes a whole frame held in memory (Python, tests and tools).
 Message frameFromBytes(const char* data, size_t size, const FrameLimits& limits = {});
 
 }  // namespace torchrpc
