@@ -170,15 +170,16 @@ class Backend:
     def shutdown(self, cfg: Config):
         raise NotImplementedError
 
+    # Both systems share these names: `self.rpc` is torchrpc or torch.distributed.rpc.
     def rpc_sync(self, func, args=()):
-        raise NotImplementedError
+        return self.rpc.rpc_sync(CALLEE, func, args)
 
     def rpc_async(self, func, args=()):
-        raise NotImplementedError
+        return self.rpc.rpc_async(CALLEE, func, args)
 
     def remote(self, func, args=()):
         """An RRef (with .to_here()) to func(*args) kept on the callee."""
-        raise NotImplementedError
+        return self.rpc.remote(CALLEE, func, args)
 
     def check_rrefs(self):
         """Raises Skip where this phase cannot use RRefs."""
@@ -210,15 +211,6 @@ class TorchRpcBackend(Backend):
 
     def shutdown(self, cfg):
         self.rpc.shutdown(graceful=True, timeout=cfg.shutdown_timeout)
-
-    def rpc_sync(self, func, args=()):
-        return self.rpc.rpc_sync(CALLEE, func, args)
-
-    def rpc_async(self, func, args=()):
-        return self.rpc.rpc_async(CALLEE, func, args)
-
-    def remote(self, func, args=()):
-        return self.rpc.remote(CALLEE, func, args)
 
 
 class TensorPipeBackend(Backend):
@@ -252,15 +244,6 @@ class TensorPipeBackend(Backend):
         if self.generation > 1:
             raise Skip("torch.distributed.rpc RRefs only work under a process's first "
                        "init_rpc; measured in the first TensorPipe phase only")
-
-    def rpc_sync(self, func, args=()):
-        return self.rpc.rpc_sync(CALLEE, func, args)
-
-    def rpc_async(self, func, args=()):
-        return self.rpc.rpc_async(CALLEE, func, args)
-
-    def remote(self, func, args=()):
-        return self.rpc.remote(CALLEE, func, args)
 
 
 BACKENDS: Dict[str, Callable[[], Backend]] = {
