@@ -134,27 +134,22 @@ def _is_script_rref(value) -> bool:
     )
 
 
+def _map_values(value, leaf):
+    """`value` with `leaf` applied to everything inside lists, tuples and dicts."""
+    if isinstance(value, list):
+        return [_map_values(v, leaf) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_map_values(v, leaf) for v in value)
+    if isinstance(value, dict):
+        return {k: _map_values(v, leaf) for k, v in value.items()}
+    return leaf(value)
+
+
 def _wrap(value):
     """Script RRef objects (also inside containers) as Python RRefs."""
-    if _is_script_rref(value):
-        return RRef(_script_object=value)
-    if isinstance(value, list):
-        return [_wrap(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_wrap(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _wrap(v) for k, v in value.items()}
-    return value
+    return _map_values(value, lambda v: RRef(_script_object=v) if _is_script_rref(v) else v)
 
 
 def _unwrap(value):
     """Python RRefs (also inside containers) as the script objects TorchScript takes."""
-    if isinstance(value, RRef):
-        return value._c
-    if isinstance(value, list):
-        return [_unwrap(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_unwrap(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _unwrap(v) for k, v in value.items()}
-    return value
+    return _map_values(value, lambda v: v._c if isinstance(v, RRef) else v)
