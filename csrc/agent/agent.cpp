@@ -1,5 +1,6 @@
 #include "agent/agent.h"
 
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/jit/runtime/jit_exception.h>
 
 #include "agent/current_agent.h"
@@ -86,6 +87,8 @@ Agent::Agent(WorkerInfo self, AgentOptions options)
   transport_ = std::make_unique<TcpTransport>(options_.listenHost, options_.advertisedHost, std::move(callbacks));
   self_.address = transport_->address();
   rrefs_ = std::make_shared<RRefContext>(*this);
+  autograd_ = std::make_unique<DistAutograd>(
+      self_.id, [this](int64_t to, Message&& m, const std::string& what) { return send(to, std::move(m), -1, what); });
   timer_ = std::thread([this] { timeoutLoop(); });
 }
 
@@ -135,6 +138,10 @@ FuturePtr Agent::send(int64_t to, Message&& request, double timeoutSeconds, cons
   const WorkerInfo& peer = worker(to);
   auto future = c10::make_intrusive<c10::ivalue::Future>(c10::AnyType::get());
   if (timeoutSeconds < 0) timeoutSeconds = options_.rpcTimeoutSeconds;
+  const int64_t contextId = AutogradContexts::current();
+  if (contextId >= 0 && DistAutograd::carriesContext(request.type)) {
+    request = autograd_->wrapRequest(contextId, to, std::move(request));
+  }
   const int64_t id = nextMessageId_.fetch_add(1);
   request.id = id;
   {
@@ -200,12 +207,36 @@ void Agent::onMessage(const std::shared_ptr<Connection>& conn, Message&& message
 
 void Agent::serveRequest(const std::shared_ptr<Connection>& conn, Message&& request) {
   const int64_t id = request.id;
-  auto respond = [this, conn, id](Message&& response) { reply(conn, std::move(response), id); };
+  std::optional<AutogradHeader> autograd;
   std::optional<Message> response;
   try {
-    response = runRequest(request, respond);
+    if (request.type == MessageType::kForwardAutogradReq) {
+      autograd.emplace();
+      request = autograd_->unwrap(std::move(request), *autograd);
+    }
   } catch (...) {
     response = describeCurrentException().toMessage();
+  }
+  // The response goes back wrapped when the request came wrapped; may be
+  // called later, from another thread (async replies).
+  Responder respond = [this, conn, id, autograd](Message&& response) {
+    if (autograd) {
+      try {
+        response = autograd_->wrapResponse(*autograd, std::move(response));
+      } catch (...) {
+        response = describeCurrentException().toMessage();
+      }
+    }
+    reply(conn, std::move(response), id);
+  };
+  if (!response) {
+    // Nested calls made by this request belong to its autograd context.
+    CurrentContextGuard context(autograd ? autograd->contextId : -1);
+    try {
+      response = runRequest(request, conn->peerId(), respond);
+    } catch (...) {
+      response = describeCurrentException().toMessage();
+    }
   }
   if (response) respond(std::move(*response));
 }
@@ -221,10 +252,12 @@ c10::IValue Agent::runScript(ScriptCall& call) {
 }
 
 namespace {
-// Answers a fetch once the owned value exists (it may still be being created).
-void respondWithValue(const RRefPtr& owner, std::function<void(Message&&)> respond,
-                      std::function<Message(const c10::IValue&)> makeReply) {
-  owner->valueFuture()->addCallback([respond = std::move(respond), makeReply = std::move(makeReply)](
+// Answers once `future` completes: with makeReply(its value), or its error.
+// For fetches of a value still being created, async_execution functions and
+// distributed backward: no thread waits meanwhile.
+void respondWhenDone(const FuturePtr& future, Responder respond,
+                     std::function<Message(const c10::IValue&)> makeReply) {
+  future->addCallback([respond = std::move(respond), makeReply = std::move(makeReply)](
                                         c10::ivalue::Future& f) {
     Message m;
     try {
@@ -238,49 +271,97 @@ void respondWithValue(const RRefPtr& owner, std::function<void(Message&&)> respo
 }
 }  // namespace
 
-std::optional<Message> Agent::runRequest(Message& request, const std::function<void(Message&&)>& respond) {
+// The owner's value once `result` is ready: a script function decorated
+// with async_execution returns a Future, whose value is the one to own.
+void completeOwnerWith(const RRefPtr& owner, const c10::IValue& result) {
+  if (!result.isFuture()) {
+    owner->valueFuture()->markCompleted(result);
+    return;
+  }
+  result.toFuture()->addCallback([owner](c10::ivalue::Future& f) {
+    if (f.hasError()) {
+      owner->valueFuture()->setErrorIfNeeded(f.exception_ptr());
+    } else {
+      owner->valueFuture()->markCompleted(f.value());
+    }
+  });
+}
+
+std::optional<Message> Agent::runRequest(Message& request, int64_t from, const Responder& respond) {
   switch (request.type) {
     case MessageType::kScriptCall: {
       auto call = ScriptCall::fromMessage(request);
-      return ScriptRet(runScript(*call)).toMessage();
+      c10::IValue result = runScript(*call);
+      if (!result.isFuture()) return ScriptRet(std::move(result)).toMessage();
+      respondWhenDone(result.toFuture(), respond, [](const c10::IValue& v) { return ScriptRet(v).toMessage(); });
+      return std::nullopt;
     }
     case MessageType::kPythonCall:
       if (!options_.pythonUdf || !python_.runCall) throw pythonDisabled();
-      return python_.runCall(std::move(request));
+      return python_.runCall(std::move(request), respond);
     case MessageType::kScriptRemoteCall: {
       auto call = ScriptRemoteCall::fromMessage(request);
       auto owner = rrefs_->ownerForRemoteCall(call->rrefId(), call->forkId(), false);
       try {
-        owner->valueFuture()->markCompleted(runScript(*call));
+        completeOwnerWith(owner, runScript(*call));
       } catch (...) {
         owner->valueFuture()->setErrorIfNeeded(std::current_exception());
         throw;
       }
-      return RemoteRet(call->rrefId(), call->forkId()).toMessage();
+      respondWhenDone(owner->valueFuture(), respond, [rrefId = call->rrefId(), forkId = call->forkId()](
+                                                         const c10::IValue&) { return RemoteRet(rrefId, forkId).toMessage(); });
+      return std::nullopt;
     }
     case MessageType::kPythonRemoteCall: {
       if (!options_.pythonUdf || !python_.runRemote) throw pythonDisabled();
       auto call = PythonRemoteCall::fromMessage(request);
       auto owner = rrefs_->ownerForRemoteCall(call->rrefId(), call->forkId(), true);
       try {
-        owner->valueFuture()->markCompleted(python_.runRemote(std::move(call->value())));
+        FuturePtr value = python_.runRemote(std::move(call->value()));
+        value->addCallback([owner](c10::ivalue::Future& f) {
+          if (f.hasError()) {
+            owner->valueFuture()->setErrorIfNeeded(f.exception_ptr());
+          } else {
+            owner->valueFuture()->markCompleted(f.value());
+          }
+        });
       } catch (...) {
         owner->valueFuture()->setErrorIfNeeded(std::current_exception());
         throw;
       }
-      return RemoteRet(call->rrefId(), call->forkId()).toMessage();
+      respondWhenDone(owner->valueFuture(), respond, [rrefId = call->rrefId(), forkId = call->forkId()](
+                                                         const c10::IValue&) { return RemoteRet(rrefId, forkId).toMessage(); });
+      return std::nullopt;
     }
     case MessageType::kScriptRRefFetchCall: {
       auto owner = rrefs_->ownerForFetch(ScriptRRefFetchCall::fromMessage(request)->rrefId());
-      respondWithValue(owner, respond, [](const c10::IValue& v) { return ScriptRRefFetchRet(v).toMessage(); });
+      respondWhenDone(owner->valueFuture(), respond,
+                      [](const c10::IValue& v) { return ScriptRRefFetchRet(v).toMessage(); });
       return std::nullopt;
     }
     case MessageType::kPythonRRefFetchCall: {
       auto owner = rrefs_->ownerForFetch(PythonRRefFetchCall::fromMessage(request)->rrefId());
       if (!python_.pickle) throw pythonDisabled();
       auto pickle = python_.pickle;
-      respondWithValue(owner, respond,
-                       [pickle](const c10::IValue& v) { return PythonRRefFetchRet(pickle(v)).toMessage(); });
+      respondWhenDone(owner->valueFuture(), respond,
+                      [pickle](const c10::IValue& v) { return PythonRRefFetchRet(pickle(v)).toMessage(); });
+      return std::nullopt;
+    }
+    case MessageType::kBackwardAutogradReq: {
+      auto done = autograd_->onBackwardRequest(*BackwardAutogradReq::fromMessage(request));
+      respondWhenDone(done, respond, [](const c10::IValue&) { return BackwardAutogradResp().toMessage(); });
+      return std::nullopt;
+    }
+    case MessageType::kCleanupAutogradContextReq: {
+      auto done = autograd_->release(CleanupAutogradContextReq::fromMessage(request)->value(), from);
+      respondWhenDone(done, respond, [](const c10::IValue&) { return CleanupAutogradContextResp().toMessage(); });
+      return std::nullopt;
+    }
+    case MessageType::kRRefBackwardReq: {
+      auto m = RRefBackwardReq::fromMessage(request);
+      auto owner = rrefs_->ownerForFetch(m->rrefId());
+      auto done = rrefBackward(owner, m->contextId(), m->retainGraph());
+      respondWhenDone(done, respond, [](const c10::IValue&) { return RRefBackwardResp().toMessage(); });
       return std::nullopt;
     }
     case MessageType::kRRefForkRequest: {
@@ -305,6 +386,35 @@ std::optional<Message> Agent::runRequest(Message& request, const std::function<v
       throw RpcError(ErrorKind::kRpc, "torchrpc: worker '" + self_.name + "' cannot serve " +
                                           messageTypeName(request.type) + " requests");
   }
+}
+
+FuturePtr Agent::rrefBackward(const RRefPtr& owner, int64_t contextId, bool retainGraph) {
+  auto done = c10::make_intrusive<c10::ivalue::Future>(c10::NoneType::get());
+  owner->valueFuture()->addCallback([this, done, contextId, retainGraph](c10::ivalue::Future& value) {
+    try {
+      if (value.hasError()) std::rethrow_exception(value.exception_ptr());
+      if (!value.value().isTensor()) {
+        throw RpcError(ErrorKind::kArgument, "torchrpc: RRef.backward() needs an RRef to a tensor, this one holds " +
+                                                 value.value().type()->annotation_str());
+      }
+      at::Tensor root = value.value().toTensor();
+      if (contextId < 0) {
+        torch::autograd::backward({root}, {}, retainGraph);
+        done->markCompleted(c10::IValue());
+        return;
+      }
+      autograd_->backward(contextId, {root}, retainGraph)->addCallback([done](c10::ivalue::Future& f) {
+        if (f.hasError()) {
+          done->setErrorIfNeeded(f.exception_ptr());
+        } else {
+          done->markCompleted(c10::IValue());
+        }
+      });
+    } catch (...) {
+      done->setErrorIfNeeded(std::current_exception());
+    }
+  });
+  return done;
 }
 
 RpcError Agent::pythonDisabled() const {
@@ -341,6 +451,10 @@ void Agent::completeResponse(Message&& response) {
     if (pending_.empty()) idleCv_.notify_all();
   }
   try {
+    if (response.type == MessageType::kForwardAutogradResp) {
+      AutogradHeader header;
+      response = autograd_->unwrap(std::move(response), header);
+    }
     switch (response.type) {
       case MessageType::kScriptRet:
         p.future->markCompleted(std::move(ScriptRet::fromMessage(response)->value()));
@@ -359,6 +473,9 @@ void Agent::completeResponse(Message&& response) {
         return;
       case MessageType::kRemoteRet:
       case MessageType::kRRefAck:
+      case MessageType::kBackwardAutogradResp:
+      case MessageType::kCleanupAutogradContextResp:
+      case MessageType::kRRefBackwardResp:
         decodeFields(response, response.type);  // validate, nothing to keep
         p.future->markCompleted(c10::IValue());
         return;
@@ -472,6 +589,7 @@ void Agent::shutdown() {
   transport_->shutdown();
   pool_->stop();
   rrefs_->clear();
+  autograd_->contexts().clear();
   failPending([](const Pending&) { return true; }, ErrorKind::kShutdown, "RPC was shut down");
 }
 

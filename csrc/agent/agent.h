@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "agent/function_registry.h"
+#include "autograd/dist_autograd.h"
 #include "messages/python_call.h"
 #include "messages/script_call.h"
 #include "agent/thread_pool.h"
@@ -50,12 +51,15 @@ struct AgentOptions {
 };
 
 // What only Python can do, installed by the Python bindings (each takes the
-// GIL itself): run a PYTHON_CALL and return its PYTHON_RET or EXCEPTION; run
-// a PYTHON_REMOTE_CALL and return the Python object (as an IValue) to own,
-// throwing RpcError(kRemote) if it raised; pickle an owned Python object.
+// GIL itself): run a PYTHON_CALL and return its PYTHON_RET or EXCEPTION, or
+// nullopt when the function is async_execution and `respond` will be called
+// once its future completes; run a PYTHON_REMOTE_CALL and return a future of
+// the Python object (as an IValue) to own, failing with RpcError(kRemote) if
+// it raised; pickle an owned Python object.
+using Responder = std::function<void(Message&&)>;
 struct PythonHooks {
-  std::function<Message(Message&& request)> runCall;
-  std::function<c10::IValue(PickledValue&& call)> runRemote;
+  std::function<std::optional<Message>(Message&& request, const Responder& respond)> runCall;
+  std::function<FuturePtr(PickledValue&& call)> runRemote;
   std::function<PickledValue(const c10::IValue& value)> pickle;
 };
 
@@ -78,6 +82,7 @@ class Agent {
   ParamStore& params() { return params_; }
   void setPythonHooks(PythonHooks hooks) { python_ = std::move(hooks); }
   RRefContext& rrefs() { return *rrefs_; }
+  DistAutograd& autograd() { return *autograd_; }
 
   // Sends a request; the future completes with the response's value.
   // timeoutSeconds < 0 takes the default, 0 waits forever. `what` names the
@@ -85,6 +90,11 @@ class Agent {
   FuturePtr send(int64_t to, Message&& request, double timeoutSeconds, const std::string& what);
   FuturePtr scriptCall(int64_t to, std::string qualifiedName, std::vector<c10::IValue> stack,
                        double timeoutSeconds);
+
+  // Backward from the tensor `owner` holds (waiting for it if still being
+  // created): within autograd context `contextId`, or a plain local backward
+  // for -1. RREF_BACKWARD_REQ and RRef.backward() on the owner.
+  FuturePtr rrefBackward(const RRefPtr& owner, int64_t contextId, bool retainGraph);
 
   // Requests of ours still waiting for a response.
   size_t pendingCount();
@@ -109,7 +119,7 @@ class Agent {
   void completeResponse(Message&& response);
   void serveRequest(const std::shared_ptr<Connection>& conn, Message&& request);
   // The response, or nullopt when `respond` will be called later.
-  std::optional<Message> runRequest(Message& request, const std::function<void(Message&&)>& respond);
+  std::optional<Message> runRequest(Message& request, int64_t from, const Responder& respond);
   c10::IValue runScript(ScriptCall& call);
   RpcError pythonDisabled() const;
   void reply(const std::shared_ptr<Connection>& conn, Message&& response, int64_t id);
@@ -126,6 +136,7 @@ class Agent {
   ParamStore params_;
   PythonHooks python_;
   std::shared_ptr<RRefContext> rrefs_;
+  std::unique_ptr<DistAutograd> autograd_;
   std::atomic<bool> stopped_{false};
   std::atomic<int64_t> nextMessageId_{1};
 

@@ -53,35 +53,36 @@ class RpcWithAutograd : public RpcCommand {
 using ForwardAutogradReq = RpcWithAutograd<MessageType::kForwardAutogradReq>;
 using ForwardAutogradResp = RpcWithAutograd<MessageType::kForwardAutogradResp>;
 
-// BACKWARD_AUTOGRAD_REQ: gradients for the send function `messageId` of
-// context `contextId`, flowing back from worker `fromWorkerId`.
+// BACKWARD_AUTOGRAD_REQ: gradients flowing back from worker `fromWorkerId`
+// within context `contextId`, for the receiver's send functions: autograd
+// message id -> one gradient per tensor that message sent with
+// requires_grad. One request carries everything one backward pass of the
+// sender produced for the receiver, so the receiver runs its part of the
+// graph once for all of them.
 class BackwardAutogradReq : public RpcCommand {
  public:
-  BackwardAutogradReq(int64_t contextId, int64_t messageId, int64_t fromWorkerId,
-                      std::vector<at::Tensor> grads)
-      : contextId_(contextId), messageId_(messageId), fromWorkerId_(fromWorkerId), grads_(std::move(grads)) {}
+  using Grads = c10::Dict<int64_t, c10::List<at::Tensor>>;
+  BackwardAutogradReq(int64_t contextId, int64_t fromWorkerId, Grads grads)
+      : contextId_(contextId), fromWorkerId_(fromWorkerId), grads_(std::move(grads)) {}
   MessageType type() const override { return MessageType::kBackwardAutogradReq; }
   std::vector<c10::IValue> fields() && override {
-    return {c10::IValue(contextId_), c10::IValue(messageId_), c10::IValue(fromWorkerId_),
-            c10::IValue(c10::List<at::Tensor>(std::move(grads_)))};
+    return {c10::IValue(contextId_), c10::IValue(fromWorkerId_), c10::IValue(std::move(grads_))};
   }
   static std::unique_ptr<BackwardAutogradReq> fromMessage(const Message& m) {
     return fromFields(decodeFields(m, MessageType::kBackwardAutogradReq));
   }
   static std::unique_ptr<BackwardAutogradReq> fromFields(std::vector<c10::IValue>&& f) {
-    return std::make_unique<BackwardAutogradReq>(f[0].toInt(), f[1].toInt(), f[2].toInt(),
-                                                 f[3].toTensorVector());
+    return std::make_unique<BackwardAutogradReq>(
+        f[0].toInt(), f[1].toInt(), c10::impl::toTypedDict<int64_t, c10::List<at::Tensor>>(f[2].toGenericDict()));
   }
   int64_t contextId() const { return contextId_; }
-  int64_t messageId() const { return messageId_; }
   int64_t fromWorkerId() const { return fromWorkerId_; }
-  std::vector<at::Tensor>& grads() { return grads_; }
+  const Grads& grads() const { return grads_; }
 
  private:
   int64_t contextId_;
-  int64_t messageId_;
   int64_t fromWorkerId_;
-  std::vector<at::Tensor> grads_;
+  Grads grads_;
 };
 
 using BackwardAutogradResp = EmptyCommand<MessageType::kBackwardAutogradResp>;

@@ -144,6 +144,10 @@ TORCH_LIBRARY(torchrpc, m) {
         torch::CppFunction::makeFromBoxedFunction<&rpcAsyncKernel>());
   m.def(effectful("rpc_sync(str to, str qualified_name, Any[] args, float timeout=-1.0) -> Any"),
         torch::CppFunction::makeFromBoxedFunction<&rpcSyncKernel>());
+  // The context's gradients, for optimizer steps written in TorchScript.
+  m.def(effectful("get_gradients(int context_id) -> Dict(Tensor, Tensor)"), [](int64_t contextId) {
+    return currentAgent()->autograd().contexts().get(contextId)->gradients();
+  });
   m.def(effectful("sleep_ms(int ms) -> ()"), &sleepMs);
   m.def(effectful("worker_name() -> str"), &workerName);
   m.def(effectful("param_put(str name, Tensor value) -> ()"), [](const std::string& n, const at::Tensor& v) {

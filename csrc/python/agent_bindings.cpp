@@ -102,34 +102,72 @@ std::shared_ptr<py::object> keepPython(py::object fn) {
   });
 }
 
+// A c10 future for the torch.futures.Future an async_execution function
+// returned.
+FuturePtr futureOf(const py::handle& obj) { return obj.cast<std::shared_ptr<PythonFutureWrapper>>()->fut; }
+
 // Installs torchrpc/python_udf.py's entry points (see PythonHooks):
-// run_call(pickled, tensors) -> ("ok", pickled, tensors) | ("err", cls, msg, tb);
-// run_remote(pickled, tensors) -> ("ok", obj) | ("err", cls, msg, tb);
+// run_call(pickled, tensors) -> ("ok", pickled, tensors) | ("err", cls, msg, tb) | ("future", F);
+// run_remote(pickled, tensors) -> ("ok", obj) | ("err", cls, msg, tb) | ("future", F);
 // pickle(obj) -> (pickled, tensors).
+// F, for async_execution functions, completes with the "ok"/"err" tuple.
 void setPythonHooks(Agent& agent, py::object runCall, py::object runRemote, py::object pickle) {
   auto call = keepPython(std::move(runCall));
   auto remote = keepPython(std::move(runRemote));
   auto pick = keepPython(std::move(pickle));
-  auto remoteError = [](const py::tuple& r) {
-    return RpcError(ErrorKind::kRemote, r[2].cast<std::string>(), r[1].cast<std::string>(),
-                    r[3].cast<std::string>());
-  };
-  PythonHooks hooks;
-  hooks.runCall = [call](Message&& request) -> Message {
-    auto c = PythonCall::fromMessage(request);
-    py::gil_scoped_acquire gil;
-    py::tuple r = (*call)(c->value().bytes, c->value().tensors);
+  // Both take the GIL held.
+  auto callReply = [](const py::tuple& r) -> Message {
     if (r[0].cast<std::string>() == "ok") {
       return PythonRet(PickledValue{r[1].cast<at::Tensor>(), r[2].cast<std::vector<at::Tensor>>()}).toMessage();
     }
     return RemoteException(r[1].cast<std::string>(), r[2].cast<std::string>(), r[3].cast<std::string>())
         .toMessage();
   };
-  hooks.runRemote = [remote, remoteError](PickledValue&& v) -> c10::IValue {
+  auto remoteValue = [](const py::tuple& r) -> c10::IValue {
+    if (r[0].cast<std::string>() != "ok") {
+      throw RpcError(ErrorKind::kRemote, r[2].cast<std::string>(), r[1].cast<std::string>(),
+                     r[3].cast<std::string>());
+    }
+    // A tensor is kept as one, so RRef.backward() and TorchScript see it.
+    if (THPVariable_Check(r[1].ptr())) return c10::IValue(THPVariable_Unpack(r[1].ptr()));
+    return torch::jit::toIValue(r[1], c10::PyObjectType::get());
+  };
+  PythonHooks hooks;
+  hooks.runCall = [call, callReply](Message&& request, const Responder& respond) -> std::optional<Message> {
+    auto c = PythonCall::fromMessage(request);
+    py::gil_scoped_acquire gil;
+    py::tuple r = (*call)(c->value().bytes, c->value().tensors);
+    if (r[0].cast<std::string>() != "future") return callReply(r);
+    futureOf(r[1])->addCallback([respond, callReply](c10::ivalue::Future& f) {
+      Message m;
+      {
+        py::gil_scoped_acquire gil;
+        m = callReply(torch::jit::toPyObject(f.value()).cast<py::tuple>());
+      }
+      respond(std::move(m));
+    });
+    return std::nullopt;
+  };
+  hooks.runRemote = [remote, remoteValue](PickledValue&& v) -> FuturePtr {
+    auto out = c10::make_intrusive<c10::ivalue::Future>(c10::AnyType::get());
     py::gil_scoped_acquire gil;
     py::tuple r = (*remote)(v.bytes, v.tensors);
-    if (r[0].cast<std::string>() != "ok") throw remoteError(r);
-    return torch::jit::toIValue(r[1], c10::PyObjectType::get());
+    auto settle = [out, remoteValue](const py::tuple& result) {
+      try {
+        out->markCompleted(remoteValue(result));
+      } catch (...) {
+        out->setErrorIfNeeded(std::current_exception());
+      }
+    };
+    if (r[0].cast<std::string>() != "future") {
+      settle(r);
+      return out;
+    }
+    futureOf(r[1])->addCallback([settle](c10::ivalue::Future& f) {
+      py::gil_scoped_acquire gil;
+      settle(torch::jit::toPyObject(f.value()).cast<py::tuple>());
+    });
+    return out;
   };
   hooks.pickle = [pick](const c10::IValue& value) -> PickledValue {
     py::gil_scoped_acquire gil;
@@ -199,6 +237,8 @@ void installPythonResolver(Agent& agent) {
 }
 
 }  // namespace
+
+void initAutogradBindings(py::module_& m);
 
 void initAgentBindings(py::module_& m) {
   py::class_<Agent, std::shared_ptr<Agent>>(m, "Agent", "One worker's RPC agent (see torchrpc.api).")
@@ -289,6 +329,7 @@ void initAgentBindings(py::module_& m) {
         out["unconfirmed_users"] = d.unconfirmedUsers;
         out["live_users"] = d.liveUsers;
         out["pending_requests"] = agent.pendingCount();
+        out["autograd_contexts"] = agent.autograd().contexts().size();
         return out;
       })
       .def("pending_count", &Agent::pendingCount)
@@ -298,6 +339,7 @@ void initAgentBindings(py::module_& m) {
   m.def("current_agent", &currentAgent, "The running agent; RpcShutdownError if none.");
   m.def("set_current_agent", &setCurrentAgent, py::arg("agent").none(true),
         "Makes `agent` the one torch.ops.torchrpc uses (None clears it).");
+  initAutogradBindings(m);
 }
 
 }  // namespace torchrpc

@@ -325,6 +325,21 @@ c10::IValue decodeAt(Reader& in, const std::vector<at::Tensor>& tensors, int dep
 
 }  // namespace
 
+void encodeWrappedHead(Writer& out, int64_t type) {
+  out.u8(kVTuple);
+  out.u32(2);
+  out.u8(kVInt);
+  out.i64(type);
+  out.u8(kVTuple);
+}
+
+int64_t decodeWrappedHead(Reader& in) {
+  if (in.u8() != kVTuple || in.u32() != 2 || in.u8() != kVInt) throwDecode("wrapped message has a bad head");
+  int64_t type = in.i64();
+  if (in.u8() != kVTuple) throwDecode("wrapped message has a bad head");
+  return type;
+}
+
 void encodeIValue(const c10::IValue& value, Writer& out, std::vector<at::Tensor>& tensors) {
   encodeAt(value, out, tensors, 0);
 }

@@ -41,6 +41,16 @@ struct ObjectCodec {
 };
 void setObjectCodec(ObjectCodec codec);
 
+// A wrapped message (autograd, profiling) is the tuple (type, fields), and
+// a message payload (u32 count + fields) is exactly the body of a tuple. So
+// a wrapper writes this head and appends the inner payload unchanged, and
+// the receiver reads the head and takes the rest as the inner payload: no
+// decode and re-encode of the inner message, whose RRefs would otherwise be
+// forked a second time.
+void encodeWrappedHead(Writer& out, int64_t type);
+// Reads the head and returns the inner type (not yet validated).
+int64_t decodeWrappedHead(Reader& in);
+
 // True if `value` may stand where `type` is expected (TorchScript subtyping).
 // Cheap for the common scalar and tensor cases, which is why it exists.
 bool valueMatchesType(const c10::IValue& value, const c10::TypePtr& type);

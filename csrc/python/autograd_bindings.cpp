@@ -1,0 +1,92 @@
+// Python bindings of distributed autograd (torchrpc/autograd.py wraps them).
+// Every wait releases the GIL: the passes they wait for may need it on this
+// worker (Python functions in the graph, Python calls served meanwhile).
+
+#include <torch/csrc/jit/python/pybind_utils.h>
+#include <torch/extension.h>
+
+#include <condition_variable>
+#include <mutex>
+
+#include "agent/agent.h"
+#include "messages/autograd.h"
+
+namespace py = pybind11;
+
+namespace torchrpc {
+namespace {
+
+// Runs `start` and waits for the future it returns, all without the GIL: the
+// autograd engine refuses to run while it is held.
+void runAndWait(const std::function<FuturePtr()>& start) {
+  FuturePtr fut;
+  {
+    py::gil_scoped_release release;
+    fut = start();
+    fut->wait();
+  }
+  if (fut->hasError()) std::rethrow_exception(fut->exception_ptr());
+}
+
+RRefPtr toRRef(const py::handle& obj) {
+  return torch::jit::toIValue(obj, c10::getCustomClassType<RRefPtr>()).toCustomClass<RRef>();
+}
+
+}  // namespace
+
+void initAutogradBindings(py::module_& m) {
+  m.def("autograd_new_context", [](Agent& a) { return a.autograd().contexts().create()->id(); },
+        "A new autograd context, current on this thread.");
+  m.def("autograd_current_context", [] { return AutogradContexts::current(); });
+  m.def(
+      "autograd_release_context",
+      [](Agent& a, int64_t id, double timeoutSeconds) {
+        FuturePtr done = a.autograd().release(id, -1);
+        py::gil_scoped_release release;
+        // Cleanup is best effort: a peer that died holds nothing to release.
+        struct Signal {
+          std::mutex mu;
+          std::condition_variable cv;
+          bool set = false;
+        };
+        auto signal = std::make_shared<Signal>();
+        done->addCallback([signal](c10::ivalue::Future&) {
+          std::lock_guard<std::mutex> g(signal->mu);
+          signal->set = true;
+          signal->cv.notify_all();
+        });
+        std::unique_lock<std::mutex> g(signal->mu);
+        signal->cv.wait_for(g, std::chrono::duration<double>(timeoutSeconds), [&] { return signal->set; });
+      },
+      py::arg("agent"), py::arg("context_id"), py::arg("timeout"));
+  m.def(
+      "autograd_backward",
+      [](Agent& a, int64_t id, const std::vector<at::Tensor>& roots, bool retainGraph) {
+        runAndWait([&] { return a.autograd().backward(id, roots, retainGraph); });
+      },
+      py::arg("agent"), py::arg("context_id"), py::arg("roots"), py::arg("retain_graph"));
+  m.def("autograd_gradients", [](Agent& a, int64_t id) {
+    return torch::jit::toPyObject(c10::IValue(a.autograd().contexts().get(id)->gradients()));
+  });
+  m.def(
+      "rref_backward",
+      [](Agent& a, const py::object& obj, int64_t contextId, bool retainGraph) {
+        RRefPtr rref = toRRef(obj);
+        if (rref->isOwner()) {
+          runAndWait([&] { return a.rrefBackward(rref, contextId, retainGraph); });
+          return;
+        }
+        if (contextId < 0) {
+          throw RpcError(ErrorKind::kRpc,
+                         "torchrpc: RRef.backward() without an autograd context runs only on the owner ('" +
+                             a.worker(rref->ownerId()).name + "'); pass dist_autograd_ctx_id");
+        }
+        runAndWait([&] {
+          return a.send(rref->ownerId(), RRefBackwardReq(rref->id(), contextId, retainGraph).toMessage(), -1,
+                        "RRef.backward");
+        });
+      },
+      py::arg("agent"), py::arg("rref"), py::arg("context_id"), py::arg("retain_graph"));
+}
+
+}  // namespace torchrpc
