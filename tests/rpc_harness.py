@@ -23,7 +23,7 @@ def free_port() -> int:
 def _child(body, rank, world_size, port, options, graceful, shutdown_timeout, queue):
     try:
         torchrpc.init_rpc(
-            f"w{rank}", rank, world_size,
+            f"w{rank}", rank=rank, world_size=world_size,
             init_method=f"tcp://127.0.0.1:{port}",
             options=torchrpc.RpcOptions(**options),
         )

@@ -10,20 +10,26 @@ def test_public_names():
         [
             "RpcOptions", "WorkerInfo", "init_rpc", "shutdown", "rpc_sync", "rpc_async",
             "register", "script", "get_worker_info", "remote", "debug_info", "RRef",
+            "BackendType", "RpcBackendOptions", "TensorPipeRpcBackendOptions",
             "RpcError", "DecodeError", "RpcTimeoutError", "RemoteError", "PeerLostError",
             "RpcShutdownError", "ArgumentError", "FunctionNotFoundError",
-            "PythonCallDisabledError",
+            "PythonCallDisabledError", "InvalidWorkerError",
         ]
     )
     for name in torchrpc.__all__:
         assert hasattr(torchrpc, name), name
     assert torchrpc.stubs.__all__ == ["stub", "Stub"]
+    # torch.distributed.rpc.functions, reached the same way.
+    assert torchrpc.functions.__all__ == ["async_execution"]
 
 
 def test_error_hierarchy():
     assert issubclass(torchrpc.RpcTimeoutError, TimeoutError)
     assert issubclass(torchrpc.ArgumentError, TypeError)
     assert issubclass(torchrpc.PeerLostError, ConnectionError)
+    # torch raises RuntimeError for bad worker names and ranks, torchrpc raised ValueError.
+    assert issubclass(torchrpc.InvalidWorkerError, RuntimeError)
+    assert issubclass(torchrpc.InvalidWorkerError, ValueError)
     for name in torchrpc.errors.__all__:
         assert issubclass(getattr(torchrpc, name), torchrpc.RpcError)
 

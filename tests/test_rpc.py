@@ -238,7 +238,7 @@ def test_errors_name_what_went_wrong():
         cls, msg = errors[key]
         assert cls is torchrpc.PythonCallDisabledError, key
         assert "w2" in msg and "python_udf" in msg
-    assert errors["bad_dest"][0] is ValueError
+    assert issubclass(errors["bad_dest"][0], ValueError)
     assert issubclass(errors["bad_builtin_args"][0], torchrpc.ArgumentError)
 
 
@@ -297,7 +297,7 @@ def test_duplicate_names_are_rejected():
 
 def _init_as(name, rank, port, q):
     try:
-        torchrpc.init_rpc(name, rank, 2, init_method=f"tcp://127.0.0.1:{port}",
+        torchrpc.init_rpc(name, rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}",
                           options=torchrpc.RpcOptions(init_timeout=20))
         q.put("initialized")
     except Exception as e:
@@ -314,6 +314,6 @@ def test_calls_before_init_fail_clearly():
 
 def test_invalid_names_and_ranks():
     with pytest.raises(ValueError, match="invalid worker name"):
-        torchrpc.init_rpc("bad name!", 0, 1, init_method="tcp://127.0.0.1:1")
+        torchrpc.init_rpc("bad name!", rank=0, world_size=1, init_method="tcp://127.0.0.1:1")
     with pytest.raises(ValueError, match="rank"):
-        torchrpc.init_rpc("ok", 3, 2, init_method="tcp://127.0.0.1:1")
+        torchrpc.init_rpc("ok", rank=3, world_size=2, init_method="tcp://127.0.0.1:1")

@@ -13,3 +13,9 @@ from torchrpc.errors import *  # noqa: F401,F403
 from torchrpc.errors import __all__ as _errors_all
 
 __all__ = list(_api_all) + list(_errors_all)
+
+# Submodules with torch.distributed's names (torchrpc.autograd for
+# torch.distributed.autograd, ...). Imported here so that every worker can
+# serve the TorchScript functions they define (optimizer steps) by name,
+# whatever the program itself imported.
+from torchrpc import autograd, functions, optim  # noqa: E402,F401

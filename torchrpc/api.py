@@ -4,6 +4,7 @@ with little change; the work happens in torchrpc._C.Agent."""
 import atexit
 import dataclasses
 import gc
+import os
 import threading
 import warnings
 from typing import Any, Callable, Dict, Optional, Union
@@ -11,10 +12,12 @@ from typing import Any, Callable, Dict, Optional, Union
 import torch
 
 import scripted_ops
-from torchrpc import _C, python_udf, rendezvous
+from torchrpc import _C, functions, python_udf, rendezvous  # noqa: F401  (torchrpc.functions)
+from torchrpc.compat import BackendType, RpcBackendOptions, TensorPipeRpcBackendOptions
 from torchrpc.rref import RRef, _unwrap, _wrap
 from torchrpc.errors import (
     FunctionNotFoundError,
+    InvalidWorkerError,
     PythonCallDisabledError,
     RpcError,
     RpcShutdownError,
@@ -23,6 +26,9 @@ from torchrpc.errors import (
 
 __all__ = [
     "RpcOptions",
+    "BackendType",
+    "RpcBackendOptions",
+    "TensorPipeRpcBackendOptions",
     "WorkerInfo",
     "init_rpc",
     "shutdown",
@@ -43,8 +49,10 @@ class RpcOptions:
 
     num_worker_threads: threads that run incoming requests.
     rpc_timeout: default call timeout in seconds (0: none).
-    python_udf: run pickled Python callables sent by peers (off by default:
-        unpickling runs arbitrary code).
+    python_udf: run pickled Python callables sent by peers. Off by default
+        (unpickling runs arbitrary code) unless the environment variable
+        TORCHRPC_PYTHON_UDF=1 is set, which opts in without code changes
+        (for programs written for torch.distributed.rpc).
     init_timeout: seconds to wait for every worker at rendezvous.
     shutdown_timeout: default seconds a graceful shutdown waits for peers.
     rref_leaks: what a graceful shutdown does about RRefs still referenced
@@ -53,7 +61,9 @@ class RpcOptions:
 
     num_worker_threads: int = 16
     rpc_timeout: float = 60.0
-    python_udf: bool = False
+    python_udf: bool = dataclasses.field(
+        default_factory=lambda: os.environ.get("TORCHRPC_PYTHON_UDF", "") == "1"
+    )
     init_timeout: float = 120.0
     shutdown_timeout: float = 120.0
     rref_leaks: str = "warn"
@@ -65,6 +75,9 @@ class WorkerInfo:
 
     name: str
     id: int
+
+    def __post_init__(self):
+        rendezvous.check_name(self.name)
 
 
 class _State:
@@ -88,10 +101,15 @@ _initializing = threading.Event()  # set while init_rpc runs
 _initialized = threading.Event()  # set when init_rpc finished (or failed)
 
 
-def _current() -> _State:
+def _await_init():
+    """Waits while init_rpc is finishing: a peer that finished rendezvous
+    first may already be calling us."""
     if _state is None and _initializing.is_set():
-        # A peer that finished rendezvous first may already be calling us.
         _initialized.wait(timeout=60)
+
+
+def _current() -> _State:
+    _await_init()
     if _state is None:
         raise RpcShutdownError("torchrpc: RPC is not running (call torchrpc.init_rpc first)")
     return _state
@@ -99,19 +117,25 @@ def _current() -> _State:
 
 def init_rpc(
     name: str,
+    backend: Optional[BackendType] = None,
     rank: int = -1,
     world_size: Optional[int] = None,
+    rpc_backend_options: Optional[RpcBackendOptions] = None,
     *,
-    init_method: str = "env://",
+    init_method: Optional[str] = None,
     options: Optional[RpcOptions] = None,
 ):
     """Starts this worker and waits until all `world_size` workers have joined.
 
-    init_method is "env://" (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, as
+    The signature is torch.distributed.rpc.init_rpc's, plus torchrpc's own
+    keywords: `options` (RpcOptions) instead of `rpc_backend_options` (a
+    TensorPipeRpcBackendOptions, whose num_worker_threads, rpc_timeout and
+    init_method are used), and `init_method` beside `options`. init_method is
+    "env://" (the default: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, as
     torchrun sets them) or "tcp://host:port"; rank 0 hosts the rendezvous store.
     """
     global _state
-    options = options or RpcOptions()
+    options, init_method = _resolve_options(backend, rpc_backend_options, options, init_method)
     rendezvous.check_name(name)
     host, port, rank, world_size = rendezvous.parse_init_method(init_method, rank, world_size)
     with _lock:
@@ -124,6 +148,31 @@ def init_rpc(
         finally:
             _initializing.clear()
             _initialized.set()
+
+
+def _resolve_options(backend, rpc_backend_options, options, init_method):
+    """(RpcOptions, init_method) from init_rpc's two ways of giving them."""
+    if backend is not None and backend is not BackendType.TENSORPIPE:
+        raise TypeError(
+            f"init_rpc: backend must be BackendType.TENSORPIPE or None, got {backend!r}"
+        )
+    if rpc_backend_options is None:
+        return options or RpcOptions(), init_method or "env://"
+    if not isinstance(rpc_backend_options, RpcBackendOptions):
+        raise TypeError(
+            f"init_rpc: rpc_backend_options must be a TensorPipeRpcBackendOptions, "
+            f"got {type(rpc_backend_options).__name__}"
+        )
+    if options is not None or init_method is not None:
+        raise TypeError(
+            "init_rpc: give either rpc_backend_options (torch's form) or "
+            "options=/init_method= (torchrpc's), not both"
+        )
+    converted = RpcOptions(rpc_timeout=rpc_backend_options.rpc_timeout)
+    threads = getattr(rpc_backend_options, "num_worker_threads", None)
+    if threads is not None:
+        converted.num_worker_threads = threads
+    return converted, rpc_backend_options.init_method
 
 
 def _start(name, rank, world_size, host, port, options):
@@ -166,15 +215,18 @@ def shutdown(graceful: bool = True, timeout: Optional[float] = None):
 
     graceful=True waits until every worker has finished its calls (a barrier
     over all workers), then closes; graceful=False closes at once, failing
-    pending calls. Never hangs: past `timeout` seconds it closes anyway and
-    raises RpcTimeoutError.
+    pending calls. Past `timeout` seconds (None: RpcOptions.shutdown_timeout;
+    0: no limit, as in torch) it closes anyway and raises RpcTimeoutError.
     """
     global _state
     with _lock:
         state = _state
         if state is None:
             return
-    timeout = state.options.shutdown_timeout if timeout is None else timeout
+    if timeout is None:
+        timeout = state.options.shutdown_timeout
+    elif timeout == 0:
+        timeout = _NO_LIMIT_S
     n = len(state.workers)
     ok = True
     leaks = None
@@ -208,6 +260,9 @@ def shutdown(graceful: bool = True, timeout: Optional[float] = None):
         warnings.warn(leaks, RuntimeWarning, stacklevel=2)
 
 
+_NO_LIMIT_S = 10 * 365 * 24 * 3600.0  # "no timeout" as seconds the C++ waits can take
+
+
 def _rref_leaks(state: _State) -> Optional[str]:
     """What RRefs are still referenced once every worker is done, or None."""
     if state.options.rref_leaks == "ignore":
@@ -222,15 +277,17 @@ def _rref_leaks(state: _State) -> Optional[str]:
     )
 
 
-def get_worker_info(name: Optional[str] = None) -> WorkerInfo:
-    """This worker's WorkerInfo, or that of the worker called `name`."""
+def get_worker_info(worker_name: Optional[str] = None) -> WorkerInfo:
+    """This worker's WorkerInfo, or that of the worker called `worker_name`."""
     state = _current()
-    if name is None:
+    if worker_name is None:
         return state.self_info
     try:
-        return state.by_name[name]
-    except KeyError:
-        raise ValueError(f"torchrpc: unknown worker name {name!r}") from None
+        return state.by_name[worker_name]
+    except (KeyError, TypeError):
+        raise InvalidWorkerError(
+            f"torchrpc: could not find destination worker {worker_name!r}: no worker has that name"
+        ) from None
 
 
 def register(fn: torch.jit.ScriptFunction) -> torch.jit.ScriptFunction:
@@ -253,20 +310,22 @@ def script(fn: Callable) -> torch.jit.ScriptFunction:
 
 
 def _worker_id(state: _State, to: Union[str, int, WorkerInfo]) -> int:
-    if isinstance(to, WorkerInfo):
-        return to.id
     if isinstance(to, str):
         return get_worker_info(to).id
-    if isinstance(to, int) and 0 <= to < len(state.workers):
-        return to
-    raise ValueError(f"torchrpc: unknown destination {to!r}")
+    rank = to.id if isinstance(to, WorkerInfo) else to
+    if isinstance(rank, int) and not isinstance(rank, bool) and 0 <= rank < len(state.workers):
+        return rank
+    raise InvalidWorkerError(
+        f"torchrpc: could not find destination {to!r}: not a worker name, WorkerInfo "
+        f"or rank in [0, {len(state.workers)})"
+    )
 
 
 def _timeout(timeout: Optional[float]) -> float:
-    if timeout is None:
+    """Seconds for the agent: None or negative (torch's UNSET_RPC_TIMEOUT is
+    -1) take RpcOptions.rpc_timeout; 0 waits forever."""
+    if timeout is None or timeout < 0:
         return -1.0  # the agent's default
-    if timeout < 0:
-        raise ValueError("timeout must be None, 0 (no timeout) or positive seconds")
     return float(timeout)
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "ArgumentError",
     "FunctionNotFoundError",
     "PythonCallDisabledError",
+    "InvalidWorkerError",
 ]
 
 
@@ -62,6 +63,14 @@ class FunctionNotFoundError(RpcError, LookupError):
 
 class PythonCallDisabledError(RpcError):
     """A Python callable was sent to a worker that did not opt in (python_udf)."""
+
+
+class InvalidWorkerError(RpcError, ValueError):
+    """A worker name, rank or destination is malformed or names no worker.
+
+    torch.distributed.rpc raises RuntimeError here, earlier torchrpc raised
+    ValueError: this is both, so code written for either keeps working.
+    """
 
 
 def _find_class(qualified_name):

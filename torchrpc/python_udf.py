@@ -2,7 +2,9 @@
 
 Tensors are taken out of the pickle stream (persistent ids) so their bytes
 travel beside the payload, written straight from tensor memory. The pickle
-stream itself travels as a uint8 tensor for the same reason.
+stream itself travels as a uint8 tensor for the same reason. RRefs travel
+as persistent ids too: pickling one makes a fork the receiver registers, so
+only this pickler may do it (RRef.__reduce__ refuses every other pickler).
 """
 
 import io
@@ -10,6 +12,9 @@ import pickle
 import traceback
 
 import torch
+
+from torchrpc import rref as rref_mod
+from torchrpc.functions import _is_async_execution
 
 
 class _Pickler(pickle.Pickler):
@@ -21,6 +26,8 @@ class _Pickler(pickle.Pickler):
         if type(obj) is torch.Tensor and obj.device.type == "cpu" and obj.layout == torch.strided:
             self.tensors.append(obj)
             return len(self.tensors) - 1
+        if type(obj) is rref_mod.RRef:
+            return ("rref", obj._fork())
         return None
 
 
@@ -30,7 +37,9 @@ class _Unpickler(pickle.Unpickler):
         self._tensors = tensors
 
     def persistent_load(self, pid):
-        return self._tensors[pid]
+        if type(pid) is int:
+            return self._tensors[pid]
+        return rref_mod._unfork(pid[1])
 
 
 def dumps(obj):
@@ -55,11 +64,17 @@ def loads_result(value):
 def run_python_call(pickled, tensors):
     """Runs a PYTHON_CALL on the callee (called from C++ with the GIL).
 
-    Returns ("ok", pickled, tensors) or ("err", class name, message, traceback).
+    Returns ("ok", pickled, tensors) or ("err", class name, message,
+    traceback); for an @async_execution function, ("future", F): F completes
+    with one of those two once the function's Future does.
     """
     try:
         fn, args, kwargs = loads(pickled, tensors)
-        return ("ok",) + dumps(fn(*args, **kwargs))
+        fn = _target(fn)
+        result = fn(*args, **kwargs)
+        if _is_async_execution(fn):
+            return ("future", _reply_when_done(fn, result, lambda v: ("ok",) + dumps(v)))
+        return ("ok",) + dumps(result)
     except BaseException as e:  # every failure goes back to the caller
         return _error(e)
 
@@ -67,13 +82,50 @@ def run_python_call(pickled, tensors):
 def run_python_remote(pickled, tensors):
     """Runs a PYTHON_REMOTE_CALL; the owner keeps the returned object.
 
-    Returns ("ok", result) or ("err", class name, message, traceback).
+    Returns ("ok", result) or ("err", class name, message, traceback); for an
+    @async_execution function, ("future", F), F completing with one of those.
     """
     try:
         fn, args, kwargs = loads(pickled, tensors)
-        return ("ok", fn(*args, **kwargs))
+        fn = _target(fn)
+        result = fn(*args, **kwargs)
+        if _is_async_execution(fn):
+            return ("future", _reply_when_done(fn, result, lambda v: ("ok", v)))
+        return ("ok", result)
     except BaseException as e:
         return _error(e)
+
+
+def _target(fn):
+    """What a request calls: an RRef proxy's method is looked up here, on the
+    owner, so its own async_execution mark (or AttributeError) counts."""
+    return fn.bind() if type(fn) is rref_mod._OwnerMethod else fn
+
+
+def _reply_when_done(fn, fut, reply):
+    """A Future that completes with reply(fut's value), or with the error
+    tuple if fut failed or reply raised; it never completes with an error
+    itself, so the C++ side only ever sees a reply to send."""
+    # torch._C.Future: what rpc_async() and then() return; torch.futures.Future
+    # (what Future() makes) derives from it.
+    if not isinstance(fut, torch._C.Future):
+        raise RuntimeError(
+            f"Functions decorated with @rpc.async_function must return a "
+            f"torch.futures.Future object, but got {type(fut)} from "
+            f"{getattr(fn, '__qualname__', fn)!r}"
+        )
+    out = torch.futures.Future()
+
+    def done(f):
+        try:
+            r = reply(f.value())
+        except BaseException as e:
+            r = _error(e)
+        out.set_result(r)
+
+    # Not then(): it would wrap an error in RuntimeError and lose its class.
+    fut.add_done_callback(done)
+    return out
 
 
 def _error(e: BaseException):

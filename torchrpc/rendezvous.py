@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 from torch.distributed import TCPStore
 
-from torchrpc.errors import RpcTimeoutError
+from torchrpc.errors import InvalidWorkerError, RpcTimeoutError
 
 _NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 
@@ -39,7 +39,9 @@ def parse_init_method(init_method: str, rank: int, world_size):
     if world_size is None or world_size < 1:
         raise ValueError("world_size must be given (or WORLD_SIZE set) and be at least 1")
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, {world_size}), got {rank} (set rank= or RANK)")
+        raise InvalidWorkerError(
+            f"rank must be in [0, {world_size}), got {rank} (set rank= or RANK)"
+        )
     return host, port, rank, world_size
 
 
@@ -55,7 +57,7 @@ def local_address_towards(host: str) -> str:
 
 def check_name(name: str):
     if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(
+        raise InvalidWorkerError(
             f"invalid worker name {name!r}: use 1-128 letters, digits, '_', '-', '.', ':'"
         )
 
@@ -72,7 +74,7 @@ def open_store(host: str, port: int, rank: int, world_size: int, timeout: float)
 def exchange(store, rank: int, world_size: int, info: dict, timeout: float) -> List[dict]:
     """Publishes this worker's info and returns everyone's, indexed by rank."""
     if store.add(f"torchrpc/rank/{rank}", 1) != 1:
-        raise ValueError(f"rank {rank} is already taken by another worker")
+        raise InvalidWorkerError(f"rank {rank} is already taken by another worker")
     store.set(f"torchrpc/worker/{rank}", json.dumps(info))
     keys = [f"torchrpc/worker/{r}" for r in range(world_size)]
     try:
@@ -85,7 +87,7 @@ def exchange(store, rank: int, world_size: int, info: dict, timeout: float) -> L
     seen = {}
     for r, w in enumerate(infos):
         if w["name"] in seen:
-            raise ValueError(
+            raise InvalidWorkerError(
                 f"duplicate worker name {w['name']!r} (ranks {seen[w['name']]} and {r})"
             )
         seen[w["name"]] = r

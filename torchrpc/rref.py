@@ -36,8 +36,12 @@ class RRef:
 
     def __init__(self, value: Any = None, *, _script_object=None):
         if _script_object is None:
-            is_python = not isinstance(value, _PLAIN_VALUES)
-            _script_object = _agent().rref_local(value, is_python)
+            agent = _agent()
+            try:
+                _script_object = agent.rref_local(value, not isinstance(value, _PLAIN_VALUES))
+            except RuntimeError:
+                # A container TorchScript cannot type ([], [obj], {k: obj}).
+                _script_object = agent.rref_local(value, True)
         self._c = _script_object
 
     def _info(self):
@@ -80,6 +84,15 @@ class RRef:
             )
         return self.to_here()
 
+    def backward(self, dist_autograd_ctx_id: int = -1, retain_graph: bool = False) -> None:
+        """Runs backward from the tensor this RRef holds, on its owner.
+
+        With a context id, a distributed backward in that context (from any
+        worker); without one, a plain local backward, which only the owner
+        may run (as torch.distributed.rpc.RRef.backward).
+        """
+        _C.rref_backward(_agent(), self._c, int(dist_autograd_ctx_id), bool(retain_graph))
+
     def torchscript(self):
         """This reference as a torch.classes.torchrpc.RRef, for TorchScript code
         (arguments, attributes of ScriptModules, torch.jit.save)."""
@@ -95,9 +108,18 @@ class RRef:
     def remote(self, timeout: Optional[float] = None):
         return _Proxy(self, "remote", timeout)
 
+    def _fork(self):
+        """A new fork of this reference, as the tuple _unfork() takes on the
+        receiving worker; registered at once, so it must be sent."""
+        return _agent().rref_fork(self._c)
+
     def __reduce__(self):
-        # Pickled into a Python call: a fork the receiver registers.
-        return (_unfork, (_agent().rref_fork(self._c),))
+        # A fork made by a pickle that is never sent would keep the value
+        # alive forever: only RPC's own pickler (python_udf) may make one.
+        raise RuntimeError(
+            "torchrpc: Can not pickle rref in python pickler: an RRef can only be "
+            "pickled by RPC, as an argument or result of rpc_sync/rpc_async/remote"
+        )
 
     def __repr__(self):
         is_owner, owner, _, _ = self._info()
@@ -105,11 +127,36 @@ class RRef:
 
 
 def _unfork(info):
+    """The RRef a received fork names (python_udf unpickles forks with it)."""
+    from torchrpc import api
+
+    # A peer can send us an RRef while our init_rpc is still finishing, before
+    # this worker knows the others: unforking tells the owner and the parent,
+    # and fetching needs the owner's address, so wait for that.
+    api._await_init()
     return RRef(_script_object=_agent().rref_unfork(tuple(info)))
 
 
-def _invoke_method(rref: "RRef", name: str, args, kwargs):
-    return getattr(rref.local_value(), name)(*args, **kwargs)
+class _OwnerMethod:
+    """What a proxy call sends: method `name` of the value `rref` names. The
+    owner looks the method up (bind) when the call arrives, so a missing
+    attribute raises AttributeError there, which the caller gets back, and an
+    @async_execution method is served as one."""
+
+    __slots__ = ("rref", "name")
+
+    def __init__(self, rref, name):
+        self.rref, self.name = rref, name
+
+    def bind(self):
+        return getattr(self.rref.local_value(), self.name)
+
+    def __call__(self, *args, **kwargs):
+        return self.bind()(*args, **kwargs)
+
+    def __repr__(self):
+        # Names the call in errors: "AttributeError raised by 'RRef value.step' on ..."
+        return f"RRef value.{self.name}"
 
 
 class _Proxy:
@@ -122,7 +169,7 @@ class _Proxy:
         call = getattr(api, self._how)
 
         def method(*args, **kwargs):
-            return call(self._rref.owner(), _invoke_method, (self._rref, name, args, kwargs),
+            return call(self._rref.owner(), _OwnerMethod(self._rref, name), args, kwargs,
                         timeout=self._timeout)
 
         return method

@@ -11,6 +11,10 @@ namespace torchrpc {
 namespace {
 
 constexpr int64_t kProtocolVersion = 1;
+// Threads that complete futures handed to Python (see Agent::defer).
+constexpr size_t kCallbackThreads = 4;
+// How long a request that arrived before setWorkers waits for it.
+constexpr auto kWorkersWait = std::chrono::seconds(120);
 
 const char* kindName(ErrorKind kind) {
   switch (kind) {
@@ -81,6 +85,7 @@ Agent::Agent(WorkerInfo self, AgentOptions options)
     : self_(std::move(self)), options_(std::move(options)) {
   self_.pythonUdf = options_.pythonUdf;
   pool_ = std::make_unique<ThreadPool>(static_cast<size_t>(std::max<int64_t>(1, options_.numWorkerThreads)));
+  callbacks_ = std::make_unique<ThreadPool>(kCallbackThreads);
   TransportCallbacks callbacks;
   callbacks.onMessage = [this](const std::shared_ptr<Connection>& c, Message&& m) { onMessage(c, std::move(m)); };
   callbacks.onClosed = [this](const std::shared_ptr<Connection>& c, const std::string& why) { onClosed(c, why); };
@@ -98,7 +103,12 @@ void Agent::setWorkers(std::vector<WorkerInfo> workers) {
   for (size_t i = 0; i < workers.size(); ++i) {
     TORCH_CHECK(workers[i].id == static_cast<int64_t>(i), "workers must be indexed by id");
   }
-  workers_ = std::move(workers);
+  {
+    std::lock_guard<std::mutex> g(workersMu_);
+    workers_ = std::move(workers);
+    workersSet_ = true;
+  }
+  workersCv_.notify_all();
 }
 
 const WorkerInfo& Agent::worker(int64_t id) const {
@@ -230,12 +240,20 @@ void Agent::serveRequest(const std::shared_ptr<Connection>& conn, Message&& requ
     reply(conn, std::move(response), id);
   };
   if (!response) {
+    std::unique_lock<std::mutex> g(workersMu_);
+    if (!workersCv_.wait_for(g, kWorkersWait, [this] { return workersSet_ || stopped_.load(); })) {
+      response = RemoteException(kindName(ErrorKind::kShutdown),
+                                 "torchrpc: worker '" + self_.name + "' never finished init_rpc", "")
+                     .toMessage();
+    }
+  }
+  if (!response) {
     // Nested calls made by this request belong to its autograd context.
     CurrentContextGuard context(autograd ? autograd->contextId : -1);
     try {
       response = runRequest(request, conn->peerId(), respond);
     } catch (...) {
-      response = describeCurrentException().toMessage();
+      response = describeError();
     }
   }
   if (response) respond(std::move(*response));
@@ -417,6 +435,13 @@ FuturePtr Agent::rrefBackward(const RRefPtr& owner, int64_t contextId, bool reta
   return done;
 }
 
+Message Agent::describeError() const {
+  if (python_.describeError) {
+    if (auto fromPython = python_.describeError()) return std::move(*fromPython).toMessage();
+  }
+  return describeCurrentException().toMessage();
+}
+
 RpcError Agent::pythonDisabled() const {
   return RpcError(ErrorKind::kForbidden,
                   "torchrpc: worker '" + self_.name +
@@ -587,7 +612,12 @@ void Agent::shutdown() {
   }
   if (timer_.joinable()) timer_.join();
   transport_->shutdown();
+  {
+    std::lock_guard<std::mutex> g(workersMu_);
+    workersCv_.notify_all();
+  }
   pool_->stop();
+  callbacks_->stop();
   rrefs_->clear();
   autograd_->contexts().clear();
   failPending([](const Pending&) { return true; }, ErrorKind::kShutdown, "RPC was shut down");

@@ -24,6 +24,7 @@
 
 #include "agent/function_registry.h"
 #include "autograd/dist_autograd.h"
+#include "messages/control.h"
 #include "messages/python_call.h"
 #include "messages/script_call.h"
 #include "agent/thread_pool.h"
@@ -61,6 +62,10 @@ struct PythonHooks {
   std::function<std::optional<Message>(Message&& request, const Responder& respond)> runCall;
   std::function<FuturePtr(PickledValue&& call)> runRemote;
   std::function<PickledValue(const c10::IValue& value)> pickle;
+  // Called inside a catch block: the Python class, message and traceback of
+  // the exception being handled if it came from Python code run by C++
+  // (a Python autograd function in a backward pass), else nullopt.
+  std::function<std::optional<RemoteException>()> describeError;
 };
 
 class Agent {
@@ -96,6 +101,15 @@ class Agent {
   // for -1. RREF_BACKWARD_REQ and RRef.backward() on the owner.
   FuturePtr rrefBackward(const RRefPtr& owner, int64_t contextId, bool retainGraph);
 
+  // Runs `task` on the agent's callback threads: futures handed to Python
+  // complete there, never on a connection's reader thread, so a callback
+  // that makes another call and waits for it cannot block the thread that
+  // would read the reply.
+  // Runs it inline once the agent is shutting down.
+  void defer(std::function<void()> task) {
+    if (!callbacks_->submit(task)) task();
+  }
+
   // Requests of ours still waiting for a response.
   size_t pendingCount();
   // Waits until pendingCount() is 0; false if the timeout passed first.
@@ -122,6 +136,8 @@ class Agent {
   std::optional<Message> runRequest(Message& request, int64_t from, const Responder& respond);
   c10::IValue runScript(ScriptCall& call);
   RpcError pythonDisabled() const;
+  // The EXCEPTION to send for the exception being handled.
+  Message describeError() const;
   void reply(const std::shared_ptr<Connection>& conn, Message&& response, int64_t id);
   std::shared_ptr<Connection> connectionTo(int64_t to);
   void failPending(const std::function<bool(const Pending&)>& which, ErrorKind kind,
@@ -150,6 +166,13 @@ class Agent {
   std::multimap<std::chrono::steady_clock::time_point, int64_t> deadlines_;
 
   std::unique_ptr<ThreadPool> pool_;
+  std::unique_ptr<ThreadPool> callbacks_;
+  // Requests may arrive between publishing our address and learning the
+  // world (setWorkers); they wait here, since serving them may need to
+  // address other workers (RRef forks).
+  std::mutex workersMu_;
+  std::condition_variable workersCv_;
+  bool workersSet_ = false;
   std::unique_ptr<Transport> transport_;
   std::thread timer_;
 };

@@ -4,6 +4,8 @@
 // here so that a function that blocks (a nested RPC, a sleep) never stalls a
 // connection's reader thread.
 
+#include <ATen/Parallel.h>
+
 #include <condition_variable>
 #include <deque>
 #include <functional>
@@ -20,13 +22,15 @@ class ThreadPool {
   }
   ~ThreadPool() { stop(); }
 
-  void submit(std::function<void()> task) {
+  // False (and `task` not run) once stopping.
+  bool submit(std::function<void()> task) {
     {
       std::lock_guard<std::mutex> g(mu_);
-      if (stopping_) return;
+      if (stopping_) return false;
       tasks_.push_back(std::move(task));
     }
     cv_.notify_one();
+    return true;
   }
 
   // Runs the tasks already queued, then joins the threads. Idempotent.
@@ -44,6 +48,10 @@ class ThreadPool {
 
  private:
   void loop() {
+    // Take the intra-op thread count torch.set_num_threads chose: without
+    // this, OpenMP gives each new thread a team as wide as the machine, and
+    // a pass served here competes with every other process for the cores.
+    at::init_num_threads();
     for (;;) {
       std::function<void()> task;
       {

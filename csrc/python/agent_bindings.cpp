@@ -3,6 +3,7 @@
 // encoding, sending, waiting, runs with the GIL released.
 
 #include <torch/csrc/jit/python/pybind_utils.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/extension.h>
 
 #include "agent/current_agent.h"
@@ -18,8 +19,21 @@ namespace {
 using torch::jit::PythonFutureWrapper;
 
 // Waits (GIL released) when sync; returns the Python value, or a torch Future.
-py::object finish(const FuturePtr& fut, bool sync) {
-  if (!sync) return py::cast(std::make_shared<PythonFutureWrapper>(fut));
+py::object finish(Agent& agent, const FuturePtr& fut, bool sync) {
+  if (!sync) {
+    // Completed on the agent's callback threads (see Agent::defer).
+    auto out = c10::make_intrusive<c10::ivalue::Future>(fut->elementType());
+    fut->addCallback([&agent, out](c10::ivalue::Future& done) {
+      agent.defer([out, done = c10::intrusive_ptr<c10::ivalue::Future>::reclaim_copy(&done)] {
+        if (done->hasError()) {
+          out->setError(done->exception_ptr());
+        } else {
+          out->markCompleted(done->value());
+        }
+      });
+    });
+    return py::cast(std::make_shared<PythonFutureWrapper>(out));
+  }
   {
     py::gil_scoped_release release;
     fut->wait();
@@ -52,7 +66,7 @@ py::object scriptCall(Agent& agent, int64_t to, const std::string& name, const c
     py::gil_scoped_release release;
     fut = agent.scriptCall(to, name, std::move(stack), timeout);
   }
-  return finish(fut, sync);
+  return finish(agent, fut, sync);
 }
 
 // Picks the overload of `opName` that fits the Python arguments.
@@ -80,7 +94,7 @@ py::object builtinCall(Agent& agent, int64_t to, const std::string& opName, cons
     py::gil_scoped_release release;
     fut = agent.scriptCall(to, std::move(name), std::move(stack), timeout);
   }
-  return finish(fut, sync);
+  return finish(agent, fut, sync);
 }
 
 py::object pythonCall(Agent& agent, int64_t to, const std::string& what, at::Tensor pickled,
@@ -91,7 +105,7 @@ py::object pythonCall(Agent& agent, int64_t to, const std::string& what, at::Ten
     fut = agent.send(to, PythonCall(PickledValue{std::move(pickled), std::move(tensors)}).toMessage(),
                      timeout, what);
   }
-  return finish(fut, sync);
+  return finish(agent, fut, sync);
 }
 
 // A Python callable kept by C++ threads: released under the GIL.
@@ -169,6 +183,20 @@ void setPythonHooks(Agent& agent, py::object runCall, py::object runRemote, py::
     });
     return out;
   };
+  hooks.describeError = []() -> std::optional<RemoteException> {
+    try {
+      throw;
+    } catch (python_error& e) {
+      py::gil_scoped_acquire gil;
+      if (!e.type) return std::nullopt;
+      py::handle type(e.type);
+      std::string name = py::str(type.attr("__module__")).cast<std::string>() + "." +
+                         py::str(type.attr("__qualname__")).cast<std::string>();
+      return RemoteException(name, e.message, e.message);
+    } catch (...) {
+      return std::nullopt;
+    }
+  };
   hooks.pickle = [pick](const c10::IValue& value) -> PickledValue {
     py::gil_scoped_acquire gil;
     py::tuple r = (*pick)(torch::jit::toPyObject(value));
@@ -218,7 +246,7 @@ py::object rrefFetch(Agent& agent, const py::object& obj, double timeout) {
     py::gil_scoped_release release;
     fut = agent.rrefs().fetch(rref, timeout);
   }
-  return finish(fut, true);
+  return finish(agent, fut, true);
 }
 
 // Functions a peer names but nobody registered are looked up, once, in the
@@ -289,7 +317,7 @@ void initAgentBindings(py::module_& m) {
                py::gil_scoped_release release;
                fut = a.send(to, SchemaQuery(name).toMessage(), timeout, name);
              }
-             return finish(fut, true).cast<std::string>();
+             return finish(a, fut, true).cast<std::string>();
            })
       .def("set_python_hooks", &setPythonHooks)
       .def("remote_script", &remoteScript)
