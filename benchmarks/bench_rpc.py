@@ -543,6 +543,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> List[int]:
+    """n distinct free ports: one per phase."""
+    ports: List[int] = []
+    while len(ports) < n:
+        p = _free_port()
+        if p not in ports:
+            ports.append(p)
+    return ports
+
+
 def phase_labels(order: List[str]) -> List[str]:
     """'torchrpc#1', 'tensorpipe#1', 'tensorpipe#2', ...: one per phase."""
     seen: Dict[str, int] = {}
@@ -553,37 +563,29 @@ def phase_labels(order: List[str]) -> List[str]:
     return labels
 
 
-def run(cfg: Config, order: List[str], cases: List[str], total_timeout: float) -> dict:
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    events = [ctx.Event() for _ in order]
-    ports = []
-    while len(ports) < len(order):
-        p = _free_port()
-        if p not in ports:
-            ports.append(p)
-    phases = phase_labels(order)
-    plan = list(zip(phases, order, ports))
-    procs = [ctx.Process(target=_worker, args=(r, plan, cfg, cases, results, events),
-                         name=f"bench-rpc-w{r}", daemon=True) for r in range(WORLD_SIZE)]
+def run_workers(ctx, target: Callable, args: tuple, results, name: str, timeout: float,
+                handle: Callable[[tuple], Optional[tuple]], errors: List[str], *,
+                timeout_error: str, died_error: str, terminate: bool) -> None:
+    """Start WORLD_SIZE processes target(rank, *args) (named f"{name}-w{rank}")
+    and pass each message they put on `results` to handle(msg) until every
+    rank has put ("exit", rank), a process died, or `timeout` seconds passed.
+    handle may return (grace_s, error): the run then gives up grace_s from
+    now at the latest, and `error` becomes the message for running out of
+    time (instead of timeout_error). Problems are appended to `errors`
+    (died_error is formatted with name= and code=). At the end the processes
+    are joined; one still alive is terminated (terminate=True, then killed
+    if need be) or killed."""
+    procs = [ctx.Process(target=target, args=(r,) + tuple(args),
+                         name=f"{name}-w{r}", daemon=True) for r in range(WORLD_SIZE)]
     for p in procs:
         p.start()
-    report = {"cases": {p: {} for p in phases}, "phases": {p: {} for p in phases}, "errors": []}
     exited = set()
-    cut_short = False
-    deadline = time.monotonic() + total_timeout
+    deadline = time.monotonic() + timeout
     try:
         while len(exited) < WORLD_SIZE:
             left = deadline - time.monotonic()
             if left <= 0:
-                if cut_short:
-                    report["errors"].append(
-                        f"gave up {PHASE_ERROR_GRACE_S:.0f} s after a phase failed")
-                else:
-                    report["errors"].append(
-                        f"benchmark did not finish within {total_timeout:.0f} s (--timeout)")
+                errors.append(timeout_error)
                 break
             try:
                 msg = results.get(timeout=min(left, 1.0))
@@ -594,44 +596,68 @@ def run(cfg: Config, order: List[str], cases: List[str], total_timeout: float) -
                     try:
                         msg = results.get(timeout=2.0)
                     except queue_mod.Empty:
-                        for p in dead:
-                            report["errors"].append(
-                                f"{p.name} died (exit code {p.exitcode}) before finishing")
+                        errors += [died_error.format(name=p.name, code=p.exitcode)
+                                   for p in dead]
                         break
                 else:
                     continue
             if msg[0] == "exit":
                 exited.add(msg[1])
-            elif msg[0] == "case":
-                _, phase, name, status, values, detail, secs = msg
-                report["cases"][phase][name] = {"status": status, "values": values,
-                                                  "detail": detail, "seconds": round(secs, 2)}
-                mark = {"ok": "", "skipped": " (skipped)", "error": " (ERROR)"}[status]
-                print(f"  [{phase}] {name}: {secs:.1f} s{mark}", file=sys.stderr, flush=True)
-                if status == "error":
-                    print(detail, file=sys.stderr, flush=True)
-            elif msg[0] == "phase":
-                _, phase, status, info, detail = msg
-                report["phases"][phase].update(info, status=status)
-                if status == "error":
-                    report["errors"].append(f"phase {phase} failed on rank {info['rank']}:\n{detail}")
-                    print(f"  [{phase}] phase FAILED on rank {info['rank']}:\n{detail}",
-                          file=sys.stderr, flush=True)
-                    # The other process may now wait for its peer forever (in
-                    # init or shutdown): give it a little while, not the whole budget.
-                    deadline = min(deadline, time.monotonic() + PHASE_ERROR_GRACE_S)
-                    cut_short = True
+                continue
+            cut = handle(msg)
+            if cut is not None:
+                grace_s, timeout_error = cut
+                deadline = min(deadline, time.monotonic() + grace_s)
     finally:
         for p in procs:
             p.join(timeout=10)
         for p in procs:
             if p.is_alive():
-                report["errors"].append(f"{p.name} did not exit; terminated")
-                p.terminate()
-                p.join(timeout=5)
+                errors.append(f"{p.name} did not exit; {'terminated' if terminate else 'killed'}")
+                if terminate:
+                    p.terminate()
+                    p.join(timeout=5)
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
+
+
+def run(cfg: Config, order: List[str], cases: List[str], total_timeout: float) -> dict:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    events = [ctx.Event() for _ in order]
+    phases = phase_labels(order)
+    plan = list(zip(phases, order, free_ports(len(order))))
+    report = {"cases": {p: {} for p in phases}, "phases": {p: {} for p in phases}, "errors": []}
+
+    def handle(msg):
+        if msg[0] == "case":
+            _, phase, name, status, values, detail, secs = msg
+            report["cases"][phase][name] = {"status": status, "values": values,
+                                              "detail": detail, "seconds": round(secs, 2)}
+            mark = {"ok": "", "skipped": " (skipped)", "error": " (ERROR)"}[status]
+            print(f"  [{phase}] {name}: {secs:.1f} s{mark}", file=sys.stderr, flush=True)
+            if status == "error":
+                print(detail, file=sys.stderr, flush=True)
+        elif msg[0] == "phase":
+            _, phase, status, info, detail = msg
+            report["phases"][phase].update(info, status=status)
+            if status == "error":
+                report["errors"].append(f"phase {phase} failed on rank {info['rank']}:\n{detail}")
+                print(f"  [{phase}] phase FAILED on rank {info['rank']}:\n{detail}",
+                      file=sys.stderr, flush=True)
+                # The other process may now wait for its peer forever (in
+                # init or shutdown): give it a little while, not the whole budget.
+                return (PHASE_ERROR_GRACE_S,
+                        f"gave up {PHASE_ERROR_GRACE_S:.0f} s after a phase failed")
+        return None
+
+    run_workers(ctx, _worker, (plan, cfg, cases, results, events), results, "bench-rpc",
+                total_timeout, handle, report["errors"],
+                timeout_error=f"benchmark did not finish within {total_timeout:.0f} s (--timeout)",
+                died_error="{name} died (exit code {code}) before finishing", terminate=True)
     return report
 
 

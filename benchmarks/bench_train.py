@@ -40,7 +40,6 @@ import importlib.util
 import json
 import os
 import platform
-import queue as queue_mod
 import sys
 import time
 import traceback
@@ -51,7 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.optim as optim
 
-from bench_rpc import BACKENDS, CALLEE, WORLD_SIZE, _free_port, _percentile
+from bench_rpc import BACKENDS, CALLEE, _percentile, free_ports, run_workers
 from bench_rpc import Config as RpcConfig
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train.json")
@@ -255,61 +254,30 @@ def run(cfg: Config, order: List[str], cases: List[str]) -> dict:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     events = [ctx.Event() for _ in order]
-    ports: List[int] = []
-    while len(ports) < len(order):
-        p = _free_port()
-        if p not in ports:
-            ports.append(p)
-    plan = list(zip(order, ports))
-    procs = [ctx.Process(target=_worker, args=(r, plan, cfg, cases, results, events),
-                         name=f"bench-train-w{r}", daemon=True) for r in range(WORLD_SIZE)]
-    for p in procs:
-        p.start()
+    plan = list(zip(order, free_ports(len(order))))
     report = {"cases": {b: {} for b in order}, "errors": []}
-    exited = set()
-    deadline = time.monotonic() + cfg.timeout
-    try:
-        while len(exited) < WORLD_SIZE:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                report["errors"].append(f"did not finish within {cfg.timeout:.0f} s")
-                break
-            try:
-                msg = results.get(timeout=min(left, 1.0))
-            except queue_mod.Empty:
-                dead = [p for r, p in enumerate(procs) if r not in exited and not p.is_alive()]
-                if dead:
-                    try:
-                        msg = results.get(timeout=2.0)
-                    except queue_mod.Empty:
-                        report["errors"] += [f"{p.name} died (exit code {p.exitcode})"
-                                             for p in dead]
-                        break
-                else:
-                    continue
-            if msg[0] == "exit":
-                exited.add(msg[1])
-            elif msg[0] == "case":
-                _, backend, name, status, values, summary, detail = msg
-                report["cases"][backend][name] = {"status": status, "values": values,
-                                                  "summary": summary, "detail": detail}
-                if status == "error":
-                    report["errors"].append(f"{backend}/{name} failed:\n{detail}")
-                    print(detail, file=sys.stderr, flush=True)
-            elif msg[0] == "phase":
-                _, backend, rank, detail = msg
-                report["errors"].append(f"phase {backend} failed on rank {rank}:\n{detail}")
-                print(f"  [{backend}] phase FAILED on rank {rank}:\n{detail}",
-                      file=sys.stderr, flush=True)
-                deadline = min(deadline, time.monotonic() + 30.0)
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-        for p in procs:
-            if p.is_alive():
-                report["errors"].append(f"{p.name} did not exit; killed")
-                p.kill()
-                p.join(timeout=5)
+    timeout_error = f"did not finish within {cfg.timeout:.0f} s"
+
+    def handle(msg):
+        if msg[0] == "case":
+            _, backend, name, status, values, summary, detail = msg
+            report["cases"][backend][name] = {"status": status, "values": values,
+                                              "summary": summary, "detail": detail}
+            if status == "error":
+                report["errors"].append(f"{backend}/{name} failed:\n{detail}")
+                print(detail, file=sys.stderr, flush=True)
+        elif msg[0] == "phase":
+            _, backend, rank, detail = msg
+            report["errors"].append(f"phase {backend} failed on rank {rank}:\n{detail}")
+            print(f"  [{backend}] phase FAILED on rank {rank}:\n{detail}",
+                  file=sys.stderr, flush=True)
+            # The peer may now wait for it forever: give the run 30 s more at most.
+            return (30.0, timeout_error)
+        return None
+
+    run_workers(ctx, _worker, (plan, cfg, cases, results, events), results, "bench-train",
+                cfg.timeout, handle, report["errors"], timeout_error=timeout_error,
+                died_error="{name} died (exit code {code})", terminate=False)
     return report
 
 

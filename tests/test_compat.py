@@ -8,18 +8,16 @@ RPC test suite (torch/testing/_internal/distributed/rpc/rpc_test.py) checks it.
 
 import inspect
 import io
-import multiprocessing as mp
 import os
 import pickle
 import threading
 import time
-import traceback
 import warnings
 from typing import Any, List
 
 import pytest
 import torch
-from rpc_harness import free_port
+from rpc_harness import free_port, report_from_child, spawn_and_collect
 from torch import Tensor
 from torch.futures import Future
 
@@ -31,7 +29,7 @@ from torchrpc import python_udf
 
 
 def _child(body, rank, world_size, port, threads, slow_init_rank, queue):
-    try:
+    def run():
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHRPC_PYTHON_UDF="1")
         if rank == slow_init_rank:
             _delay_end_of_rendezvous(1.0)
@@ -40,13 +38,9 @@ def _child(body, rank, world_size, port, threads, slow_init_rank, queue):
                      rpc_backend_options=options)
         result = body(rank)
         rpc.shutdown(graceful=True, timeout=60)
-        queue.put((rank, True, pickle.dumps(result)))
-    except BaseException:
-        queue.put((rank, False, traceback.format_exc()))
-    finally:
-        queue.close()
-        queue.join_thread()
-        os._exit(0)
+        return result
+
+    report_from_child(rank, queue, run)
 
 
 def _delay_end_of_rendezvous(seconds):
@@ -69,30 +63,12 @@ def launch(body, world_size=3, threads=None, slow_init_rank=None, timeout=120):
     init_rpc(f"worker{rank}", rank=, world_size=, rpc_backend_options=
     TensorPipeRpcBackendOptions(...)) with env:// rendezvous. threads: per-rank
     num_worker_threads (default 4)."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
     port = free_port()
     threads = threads or [4] * world_size
-    procs = [
-        ctx.Process(target=_child, daemon=True,
-                    args=(body, r, world_size, port, threads[r], slow_init_rank, queue))
-        for r in range(world_size)
-    ]
-    for p in procs:
-        p.start()
-    results = {}
-    try:
-        while len(results) < world_size:
-            rank, ok, value = queue.get(timeout=timeout)
-            if not ok:
-                raise AssertionError(f"worker{rank} failed:\n{value}")
-            results[rank] = pickle.loads(value)
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    return [results[r] for r in range(world_size)]
+    return spawn_and_collect(
+        _child, lambda r: (body, r, world_size, port, threads[r], slow_init_rank),
+        world_size, timeout, label="worker",
+    )
 
 
 class Checks(dict):

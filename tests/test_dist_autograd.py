@@ -8,7 +8,6 @@ import time
 from typing import Any, List, Tuple
 
 import hypothesis.strategies as st
-import pytest
 import torch
 from hypothesis import given, settings
 from rpc_harness import run_workers

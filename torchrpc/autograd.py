@@ -23,10 +23,6 @@ from torchrpc.api import _current
 
 __all__ = ["context", "backward", "get_gradients"]
 
-# How long leaving a context waits for the other workers to release it.
-_RELEASE_TIMEOUT = 10.0
-
-
 class context:
     """A distributed autograd context; `with` yields its id (an int).
 
@@ -40,7 +36,7 @@ class context:
         return self.autograd_context_id
 
     def __exit__(self, *exc):
-        _C.autograd_release_context(self._agent, self.autograd_context_id, _RELEASE_TIMEOUT)
+        _C.autograd_release_context(self._agent, self.autograd_context_id)
         return False
 
 

@@ -24,6 +24,7 @@
 // Cleanup: leaving the context releases it here and sends
 // CLEANUP_AUTOGRAD_CONTEXT_REQ to every worker it talked to, which releases
 // it and passes the request on; each answers after the ones it passed on.
+// The worker leaving the context does not wait for the answers.
 
 #include <ATen/core/ivalue.h>
 

@@ -5,9 +5,6 @@
 #include <torch/csrc/jit/python/pybind_utils.h>
 #include <torch/extension.h>
 
-#include <condition_variable>
-#include <mutex>
-
 #include "agent/agent.h"
 #include "messages/autograd.h"
 
@@ -40,25 +37,13 @@ void initAutogradBindings(py::module_& m) {
   m.def("autograd_current_context", [] { return AutogradContexts::current(); });
   m.def(
       "autograd_release_context",
-      [](Agent& a, int64_t id, double timeoutSeconds) {
-        FuturePtr done = a.autograd().release(id, -1);
-        py::gil_scoped_release release;
-        // Cleanup is best effort: a peer that died holds nothing to release.
-        struct Signal {
-          std::mutex mu;
-          std::condition_variable cv;
-          bool set = false;
-        };
-        auto signal = std::make_shared<Signal>();
-        done->addCallback([signal](c10::ivalue::Future&) {
-          std::lock_guard<std::mutex> g(signal->mu);
-          signal->set = true;
-          signal->cv.notify_all();
-        });
-        std::unique_lock<std::mutex> g(signal->mu);
-        signal->cv.wait_for(g, std::chrono::duration<double>(timeoutSeconds), [&] { return signal->set; });
+      [](Agent& a, int64_t id) {
+        // Not waited for, as in torch: the context is gone here at once, and
+        // the other workers release it a round trip later (a graceful
+        // shutdown waits for those requests like any other).
+        a.autograd().release(id, -1);
       },
-      py::arg("agent"), py::arg("context_id"), py::arg("timeout"));
+      py::arg("agent"), py::arg("context_id"));
   m.def(
       "autograd_backward",
       [](Agent& a, int64_t id, const std::vector<at::Tensor>& roots, bool retainGraph) {
