@@ -394,12 +394,14 @@ def _invoke(to, func, args, kwargs, timeout, sync: bool):
             return result
         return _wrap(result)
     _check_python_udf(state, dst, func)
-    pickled, tensors = python_udf.dumps((func, args, kwargs))
+    held = []  # RRefs owned by dst, sent by id: alive until the reply
+    pickled, tensors = python_udf.dumps((func, args, kwargs), dst, held)
     what = getattr(func, "__qualname__", repr(func))
     result = agent.python_call(dst, what, pickled, tensors, t, sync)
     if sync:
+        del held
         return python_udf.loads_result(result)
-    return _unpickled(result)
+    return _unpickled(result, held)
 
 
 def _check_python_udf(state, dst, func):
@@ -413,12 +415,13 @@ def _check_python_udf(state, dst, func):
         )
 
 
-def _unpickled(fut):
+def _unpickled(fut, held=None):
     """A Future of fut's unpickled value. Not fut.then(): that would wrap a
-    remote error in RuntimeError, and callers expect the error's own class."""
+    remote error in RuntimeError, and callers expect the error's own class.
+    `held` stays referenced until fut completes."""
     out = torch.futures.Future()
 
-    def done(f):
+    def done(f, held=held):
         try:
             out.set_result(python_udf.loads_result(f.value()))
         except BaseException as e:

@@ -5,6 +5,9 @@ travel beside the payload, written straight from tensor memory. The pickle
 stream itself travels as a uint8 tensor for the same reason. RRefs travel
 as persistent ids too: pickling one makes a fork the receiver registers, so
 only this pickler may do it (RRef.__reduce__ refuses every other pickler).
+An RRef sent in a call to its own owner (a proxy call, an optimizer step)
+travels by id instead, with no fork and no protocol messages: the caller
+keeps it, and so the owner's value, alive until the reply (see dumps).
 """
 
 import io
@@ -18,15 +21,20 @@ from torchrpc.functions import _is_async_execution
 
 
 class _Pickler(pickle.Pickler):
-    def __init__(self, f):
+    def __init__(self, f, to, held):
         super().__init__(f, protocol=pickle.HIGHEST_PROTOCOL)
         self.tensors = []
+        self._to = to
+        self._held = held
 
     def persistent_id(self, obj):
         if type(obj) is torch.Tensor and obj.device.type == "cpu" and obj.layout == torch.strided:
             self.tensors.append(obj)
             return len(self.tensors) - 1
         if type(obj) is rref_mod.RRef:
+            if self._held is not None and obj._owner_id() == self._to:
+                self._held.append(obj)
+                return ("owned", obj._id())
             return ("rref", obj._fork())
         return None
 
@@ -39,13 +47,19 @@ class _Unpickler(pickle.Unpickler):
     def persistent_load(self, pid):
         if type(pid) is int:
             return self._tensors[pid]
+        if pid[0] == "owned":
+            return rref_mod._owned(pid[1])
         return rref_mod._unfork(pid[1])
 
 
-def dumps(obj):
-    """(uint8 tensor of the pickle stream, [tensors it refers to])."""
+def dumps(obj, to=None, held=None):
+    """(uint8 tensor of the pickle stream, [tensors it refers to]).
+
+    For a call to worker `to`, RRefs that worker owns are appended to `held`
+    instead of forked: the caller must keep `held` until the reply.
+    """
     buf = io.BytesIO()
-    pickler = _Pickler(buf)
+    pickler = _Pickler(buf, to, held)
     pickler.dump(obj)
     data = bytearray(buf.getbuffer())
     return torch.frombuffer(data, dtype=torch.uint8), pickler.tensors

@@ -108,6 +108,12 @@ class RRef:
     def remote(self, timeout: Optional[float] = None):
         return _Proxy(self, "remote", timeout)
 
+    def _owner_id(self) -> int:
+        return self._info()[1]
+
+    def _id(self):
+        return _agent().rref_id(self._c)
+
     def _fork(self):
         """A new fork of this reference, as the tuple _unfork() takes on the
         receiving worker; registered at once, so it must be sent."""
@@ -124,6 +130,12 @@ class RRef:
     def __repr__(self):
         is_owner, owner, _, _ = self._info()
         return f"RRef(owner={owner}, {'owner' if is_owner else 'user'})"
+
+
+def _owned(rref_id):
+    """The owner reference this worker holds for `rref_id`: an RRef a caller
+    sent back to its owner by id (python_udf)."""
+    return RRef(_script_object=_agent().rref_owned(tuple(rref_id)))
 
 
 def _unfork(info):

@@ -342,6 +342,16 @@ void initAgentBindings(py::module_& m) {
              RRefPtr r = toRRef(obj);
              return py::make_tuple(r->isOwner(), r->ownerId(), r->isPython(), r->confirmed());
            })
+      .def("rref_id",
+           [](Agent&, const py::object& obj) {
+             const RRefId& id = toRRef(obj)->id();
+             return py::make_tuple(id.createdOn, id.localId);
+           })
+      .def("rref_owned",
+           [](Agent& agent, const std::tuple<int64_t, int64_t>& id) {
+             // Waits in to_here/local_value if the value is still being made.
+             return fromRRef(agent.rrefs().ownerForFetch({std::get<0>(id), std::get<1>(id)}));
+           })
       .def("rref_fork", [](Agent& agent, const py::object& obj) {
         return torch::jit::toPyObject(agent.rrefs().fork(toRRef(obj)));
       })
