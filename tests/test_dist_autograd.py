@@ -14,6 +14,7 @@ from rpc_harness import run_workers
 
 import torchrpc
 import torchrpc.autograd as dist_autograd
+from torchrpc import messages
 
 UDF = {"python_udf": True}
 
@@ -300,3 +301,67 @@ def test_errors_lost_peer_and_concurrent_contexts():
     assert out["alive_before_loss"] == [0, 0, 0]
     assert out["lost"] is not None and out["lost_after"] < 10
     assert out["alive"] == [0, 0]
+
+
+def _frame(sock):
+    """Reads one whole frame from a raw socket (48-byte header, then sizes)."""
+    import struct
+
+    def exact(n):
+        buf = b""
+        while len(buf) < n:
+            chunk = sock.recv(n - len(buf))
+            assert chunk, "worker closed the connection"
+            buf += chunk
+        return buf
+
+    header = exact(48)
+    payload, descriptors, _, _, storage = struct.unpack_from("<IIIIQ", header, 16)
+    return messages.decode(header + exact(payload + descriptors + storage))
+
+
+def stranger_body(rank):
+    """A raw client sends autograd messages that name nothing real."""
+    import socket
+
+    if rank != 0:
+        _finished.wait(60)
+        return None
+    host, port = torchrpc.api._current().agent.address.rsplit(":", 1)
+    replies = {}
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(messages.Handshake(worker_name="w1", worker_id=1, protocol_version=1).encode())
+        probes = {
+            "backward_unknown_context": messages.BackwardAutogradReq(
+                id=1, context_id=12345, from_worker_id=1, grads={7: [torch.ones(2)]}),
+            "cleanup_unknown_context": messages.CleanupAutogradContextReq(id=2, context_id=999),
+            "rref_backward_unknown": messages.RRefBackwardReq(
+                id=3, rref_id=(0, 77), context_id=5, retain_graph=False),
+            "forward_wrapping_forward": messages.ForwardAutogradReq(
+                id=4, from_worker_id=1, context_id=3, message_id=1, device_map={},
+                wrapped=messages.ForwardAutogradReq(
+                    from_worker_id=1, context_id=3, message_id=2, device_map={},
+                    wrapped=messages.ScriptCall(qualified_name="x", args=(), is_async=False))),
+        }
+        for name, m in probes.items():
+            s.sendall(m.encode())
+            reply = _frame(s)
+            replies[name] = (reply.TYPE.name, reply.fields.get("message", ""))
+    # The worker still serves its peers.
+    x = torch.randn(2, 2, requires_grad=True)
+    with dist_autograd.context() as cid:
+        dist_autograd.backward(cid, [torchrpc.rpc_sync("w1", layer, (x, x)).sum()])
+        ok = dist_autograd.get_gradients(cid)[x].shape == x.shape
+    torchrpc.rpc_sync("w1", finish)
+    return replies, ok
+
+
+def test_autograd_messages_from_a_stranger_get_clear_errors():
+    replies, ok = run_workers(stranger_body, 2, options=UDF, timeout=60)[0]
+    assert ok
+    assert replies["backward_unknown_context"][0] == "EXCEPTION"
+    assert "no autograd context 12345" in replies["backward_unknown_context"][1]
+    assert replies["cleanup_unknown_context"][0] == "CLEANUP_AUTOGRAD_CONTEXT_RESP"
+    assert replies["rref_backward_unknown"][0] == "EXCEPTION"
+    assert replies["forward_wrapping_forward"][0] == "EXCEPTION"
+    assert "wraps type" in replies["forward_wrapping_forward"][1]
