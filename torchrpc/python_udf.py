@@ -32,7 +32,7 @@ class _Pickler(pickle.Pickler):
             self.tensors.append(obj)
             return len(self.tensors) - 1
         if type(obj) is rref_mod.RRef:
-            if self._held is not None and obj._owner_id() == self._to:
+            if self._held is not None and obj._is_user_of(self._to):
                 self._held.append(obj)
                 return ("owned", obj._id())
             return ("rref", obj._fork())

@@ -108,8 +108,10 @@ class RRef:
     def remote(self, timeout: Optional[float] = None):
         return _Proxy(self, "remote", timeout)
 
-    def _owner_id(self) -> int:
-        return self._info()[1]
+    def _is_user_of(self, worker_id: int) -> bool:
+        """True for a user reference to a value `worker_id` owns."""
+        is_owner, owner_id, _, _ = self._info()
+        return not is_owner and owner_id == worker_id
 
     def _id(self):
         return _agent().rref_id(self._c)

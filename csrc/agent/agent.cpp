@@ -189,7 +189,16 @@ FuturePtr Agent::send(int64_t to, Message&& request, double timeoutSeconds, cons
 FuturePtr Agent::scriptCall(int64_t to, std::string qualifiedName, std::vector<c10::IValue> stack,
                             double timeoutSeconds) {
   std::string what = qualifiedName;
-  return send(to, ScriptCall(std::move(qualifiedName), std::move(stack)).toMessage(), timeoutSeconds, what);
+  Message request;
+  std::vector<RRefPtr> held;
+  {
+    SendingTo scope(to);
+    request = ScriptCall(std::move(qualifiedName), std::move(stack)).toMessage();
+    held = scope.take();
+  }
+  FuturePtr fut = send(to, std::move(request), timeoutSeconds, what);
+  if (!held.empty()) fut->addCallback([held = std::move(held)](c10::ivalue::Future&) {});
+  return fut;
 }
 
 void Agent::onMessage(const std::shared_ptr<Connection>& conn, Message&& message) {

@@ -8,6 +8,11 @@ namespace torchrpc {
 namespace {
 
 const ForkId kNoFork{-1, -1};
+// The fork id of a user RRef sent to its owner by id (see SendingTo).
+const ForkId kSentToOwner{-2, -2};
+
+thread_local int64_t tlsSendingTo = -1;
+thread_local std::vector<RRefPtr> tlsHeld;
 
 c10::intrusive_ptr<c10::ivalue::Future> newFuture() {
   return c10::make_intrusive<c10::ivalue::Future>(c10::AnyType::get());
@@ -142,9 +147,22 @@ void RRefContext::userDropped(const RRefId& id, int64_t ownerId, const ForkId& f
   sendControl(ownerId, RRefUserDelete(id, forkId).toMessage(), "RRef delete");
 }
 
+SendingTo::SendingTo(int64_t to) : previous_(tlsSendingTo) { tlsSendingTo = to; }
+SendingTo::~SendingTo() {
+  tlsSendingTo = previous_;
+  tlsHeld.clear();
+}
+std::vector<RRefPtr> SendingTo::take() { return std::move(tlsHeld); }
+
 c10::IValue RRefContext::fork(const RRefPtr& rref) {
-  const ForkId forkId = newId();
   const int64_t self = agent_.self().id;
+  if (!rref->isOwner() && rref->ownerId() == tlsSendingTo) {
+    tlsHeld.push_back(rref);
+    return c10::IValue(c10::ivalue::Tuple::create(
+        {c10::IValue(rref->ownerId()), rref->id().toIValue(), kSentToOwner.toIValue(), c10::IValue(self),
+         c10::IValue(rref->isPython())}));
+  }
+  const ForkId forkId = newId();
   {
     std::lock_guard<std::mutex> g(mu_);
     if (rref->isOwner()) {
@@ -177,6 +195,7 @@ RRefPtr RRefContext::unfork(const c10::IValue& info) {
       std::lock_guard<std::mutex> g(mu_);
       // The remote() creating the value may still be queued behind this message.
       owner = ownerAheadOfCreationLocked(id);
+      if (forkId == kSentToOwner) return owner;  // the sender holds its own fork meanwhile
       if (parent == self) {
         owners_[id].forks.erase(forkId);  // a fork we sent ourselves: nobody will delete it
         drop = maybeEraseLocked(id);

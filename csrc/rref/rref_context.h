@@ -30,6 +30,22 @@ namespace torchrpc {
 
 class Agent;
 
+// While a request to worker `to` is encoded in this scope, user RRefs that
+// `to` owns travel by id, with no fork and no protocol messages: the scope
+// keeps them (take()), and the caller holds them until the reply, which
+// keeps the owner's value alive as a fork in flight would.
+class SendingTo {
+ public:
+  explicit SendingTo(int64_t to);
+  ~SendingTo();
+  SendingTo(const SendingTo&) = delete;
+  SendingTo& operator=(const SendingTo&) = delete;
+  std::vector<RRefPtr> take();
+
+ private:
+  int64_t previous_;
+};
+
 struct RRefDebugInfo {
   int64_t ownedValues;    // owners_ entries
   int64_t userForks;      // forks registered with this owner, over all values
