@@ -203,7 +203,13 @@ FuturePtr Agent::scriptCall(int64_t to, std::string qualifiedName, std::vector<c
 
 void Agent::onMessage(const std::shared_ptr<Connection>& conn, Message&& message) {
   if (isResponse(message.type)) {
-    completeResponse(std::move(message));
+    try {
+      completeResponse(std::move(message));
+    } catch (const std::exception& e) {
+      // A callback of the completed future threw. The frame was fine, so
+      // the connection stays open; the callback's owner has its error.
+      TORCH_WARN("torchrpc: a callback on a response failed: ", e.what());
+    }
     return;
   }
   switch (message.type) {

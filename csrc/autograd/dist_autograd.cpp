@@ -13,11 +13,18 @@ FuturePtr whenAll(const std::vector<FuturePtr>& futures, bool failOnError) {
     all->markCompleted(c10::IValue());
     return all;
   }
-  auto left = std::make_shared<std::atomic<size_t>>(futures.size());
+  struct State {
+    std::atomic<size_t> left;
+    std::atomic<bool> settled{false};  // exactly one callback completes `all`
+    explicit State(size_t n) : left(n) {}
+  };
+  auto state = std::make_shared<State>(futures.size());
   for (const auto& f : futures) {
-    f->addCallback([all, left, failOnError](c10::ivalue::Future& done) {
-      if (failOnError && done.hasError()) all->setErrorIfNeeded(done.exception_ptr());
-      if (left->fetch_sub(1) == 1 && !all->completed()) all->markCompleted(c10::IValue());
+    f->addCallback([all, state, failOnError](c10::ivalue::Future& done) {
+      if (failOnError && done.hasError()) {
+        if (!state->settled.exchange(true)) all->setError(done.exception_ptr());
+      }
+      if (state->left.fetch_sub(1) == 1 && !state->settled.exchange(true)) all->markCompleted(c10::IValue());
     });
   }
   return all;
