@@ -8,7 +8,7 @@ from typing import Dict, List
 
 import torch
 
-from torchrpc.api import remote, rpc_async
+from torchrpc.api import remote, rpc_async, rpc_sync
 from torchrpc.errors import PythonCallDisabledError
 from torchrpc.optim import owner
 from torchrpc.optim.functional import SCRIPT_OPTIMIZERS, script_config
@@ -65,8 +65,18 @@ class DistributedOptimizer:
         if self._step is None:
             raise RuntimeError("torchrpc.optim: this torchrpc has no distributed autograd "
                                "(torch.ops.torchrpc.get_gradients)")
-        _wait_all([rpc_async(name, self._step, (rref, context_id))
-                   for name, rref in self._optimizers.items()])
+        owners = list(self._optimizers.items())
+        # The last owner is called synchronously: one owner (the common
+        # case) then costs no future at all.
+        pending = [rpc_async(name, self._step, (rref, context_id)) for name, rref in owners[:-1]]
+        last = None
+        try:
+            rpc_sync(owners[-1][0], self._step, (owners[-1][1], context_id))
+        except Exception as e:  # noqa: BLE001  (raised after the others finished)
+            last = e
+        _wait_all(pending)
+        if last is not None:
+            raise last
 
 
 def _group_by_owner(params_rref) -> Dict[str, List[RRef]]:
