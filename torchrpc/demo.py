@@ -49,6 +49,20 @@ def safe_sqrt(x: Tensor) -> Tensor:
     return torch.sqrt(x)
 
 
+@torchrpc.script
+def layer(x: Tensor, w: torch.classes.torchrpc.RRef) -> Tensor:
+    """One layer, run where its weight lives (w is owned by this worker)."""
+    weight = w.local_value()
+    assert isinstance(weight, Tensor)
+    return torch.tanh(x @ weight)
+
+
+def make_weight(seed: int) -> Tensor:
+    """A parameter created on (and owned by) the worker this runs on."""
+    torch.manual_seed(seed)
+    return torch.randn(4, 4, requires_grad=True)
+
+
 def where_am_i(greeting: str) -> str:
     """Plain Python (not TorchScript): runs only where python_udf=True."""
     return f"{greeting} from pid {os.getpid()} ({sys.platform}, Python {sys.version.split()[0]})"
@@ -106,6 +120,8 @@ def tour(world_size: int):
     say("remote", f"RRef owned by {r.owner_name()}: to_here() -> {r.to_here().tolist()}, "
                   f"summed on {w2} -> {total.item()}")
 
+    train(w1, w2)
+
     small = torch.ones(4)
     for _ in range(50):  # warm up
         torchrpc.rpc_sync(w1, add_one, (small,))
@@ -115,6 +131,30 @@ def tour(world_size: int):
         torchrpc.rpc_sync(w1, add_one, (small,))
         lat.append((time.perf_counter() - t0) * 1e6)
     say("latency", f"p50 of 200 small add_one calls to {w1}: {statistics.median(lat):.0f} us")
+
+
+def train(w1: str, w2: str):
+    """A model split across two workers: weights live where they are used,
+    the loss is computed here, and backward and the optimizer step run on
+    every worker that holds a piece."""
+    import torchrpc.autograd as dist_autograd
+    from torchrpc.optim import DistributedOptimizer
+
+    weights = [torchrpc.remote(w, make_weight, (seed,)) for seed, w in enumerate((w1, w2))]
+    opt = DistributedOptimizer(torch.optim.SGD, weights, lr=0.2)
+    x, target = torch.randn(8, 4), torch.zeros(8, 4)
+    losses = []
+    for _ in range(20):
+        with dist_autograd.context() as ctx:
+            h = x
+            for w in weights:  # each layer runs on its weight's owner
+                h = torchrpc.rpc_sync(w.owner_name(), layer, (h, w))
+            loss = ((h - target) ** 2).mean()
+            dist_autograd.backward(ctx, [loss])  # gradients flow back to w1 and w2
+            opt.step(ctx)  # SGD steps on each owner, in TorchScript
+        losses.append(loss.item())
+    say("training", f"20 SGD steps of a 2-layer model on {w1} + {w2}: "
+                    f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 
 
 def run_worker(rank: int, world_size: int, init_method: str):
