@@ -108,6 +108,15 @@ def pass_on(rref, to):
     return rpc.rpc_sync(to, fetch, args=(rref,))
 
 
+def check_rref_confirmed(rref):
+    return rref.confirmed_by_owner()
+
+
+@torch.jit.script
+def script_rref_confirmed(rref: torch.classes.torchrpc.RRef) -> bool:
+    return rref.confirmed_by_owner()
+
+
 def slow_add(x, y, seconds):
     time.sleep(seconds)
     return x + y
@@ -185,6 +194,16 @@ def torch_program(rank):
     c.run("then_waits_for_rpc", lambda: rpc.rpc_async("worker1", slow_add, args=(t, 1, 0.3))
           .then(callback).wait().tolist())
 
+    # torch's test_user_rrefs_confirmed: a user RRef received as an argument
+    # (a fork from worker0 of a value on worker2) is confirmed when the call runs.
+    on_w2_again = rpc.remote("worker2", torch.add, args=(torch.zeros(2, 2), 1))
+    c.run("confirmed_rpc_arg", lambda: rpc.rpc_sync("worker1", check_rref_confirmed,
+                                                    args=(on_w2_again,)))
+    c.run("confirmed_remote_arg", lambda: rpc.remote("worker1", check_rref_confirmed,
+                                                     args=(on_w2_again,)).to_here())
+    c.run("confirmed_script_arg", lambda: rpc.rpc_sync("worker1", script_rref_confirmed,
+                                                       args=(on_w2_again,)))
+
     # Errors, as torch raises them.
     one = torch.ones(1)
     for how in ("rpc_sync", "rpc_async", "remote"):
@@ -237,6 +256,12 @@ def test_futures(program):
 
 def test_then_callback_may_wait_for_another_rpc(program):
     assert program.ok("then_waits_for_rpc") == [3.0, 4.0, 5.0, 6.0]
+
+
+def test_received_user_rrefs_are_confirmed(program):
+    assert program.ok("confirmed_rpc_arg") is True
+    assert program.ok("confirmed_remote_arg") is True
+    assert program.ok("confirmed_script_arg") is True
 
 
 def test_invalid_destinations_raise_runtime_error(program):

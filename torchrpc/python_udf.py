@@ -16,6 +16,7 @@ import traceback
 
 import torch
 
+from torchrpc import _C
 from torchrpc import rref as rref_mod
 from torchrpc.functions import _is_async_execution
 
@@ -84,6 +85,7 @@ def run_python_call(pickled, tensors):
     """
     try:
         fn, args, kwargs = loads(pickled, tensors)
+        _C.wait_received_forks()  # RRef arguments are confirmed by their owners first
         fn = _target(fn)
         result = fn(*args, **kwargs)
         if _is_async_execution(fn):
@@ -101,6 +103,7 @@ def run_python_remote(pickled, tensors):
     """
     try:
         fn, args, kwargs = loads(pickled, tensors)
+        _C.wait_received_forks()  # RRef arguments are confirmed by their owners first
         fn = _target(fn)
         result = fn(*args, **kwargs)
         if _is_async_execution(fn):

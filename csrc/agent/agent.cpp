@@ -323,7 +323,9 @@ void completeOwnerWith(const RRefPtr& owner, const c10::IValue& result) {
 std::optional<Message> Agent::runRequest(Message& request, int64_t from, const Responder& respond) {
   switch (request.type) {
     case MessageType::kScriptCall: {
+      ReceivedForks forks;
       auto call = ScriptCall::fromMessage(request);
+      forks.waitConfirmed();
       c10::IValue result = runScript(*call);
       if (!result.isFuture()) return ScriptRet(std::move(result)).toMessage();
       respondWhenDone(result.toFuture(), respond, [](const c10::IValue& v) { return ScriptRet(v).toMessage(); });
@@ -333,7 +335,9 @@ std::optional<Message> Agent::runRequest(Message& request, int64_t from, const R
       if (!options_.pythonUdf || !python_.runCall) throw pythonDisabled();
       return python_.runCall(std::move(request), respond);
     case MessageType::kScriptRemoteCall: {
+      ReceivedForks forks;
       auto call = ScriptRemoteCall::fromMessage(request);
+      forks.waitConfirmed();
       auto owner = rrefs_->ownerForRemoteCall(call->rrefId(), call->forkId(), false);
       try {
         completeOwnerWith(owner, runScript(*call));

@@ -149,6 +149,7 @@ void setPythonHooks(Agent& agent, py::object runCall, py::object runRemote, py::
   PythonHooks hooks;
   hooks.runCall = [call, callReply](Message&& request, const Responder& respond) -> std::optional<Message> {
     auto c = PythonCall::fromMessage(request);
+    ReceivedForks forks;  // python_udf waits for them (wait_received_forks)
     py::gil_scoped_acquire gil;
     py::tuple r = (*call)(c->value().bytes, c->value().tensors);
     if (r[0].cast<std::string>() != "future") return callReply(r);
@@ -164,6 +165,7 @@ void setPythonHooks(Agent& agent, py::object runCall, py::object runRemote, py::
   };
   hooks.runRemote = [remote, remoteValue](PickledValue&& v) -> FuturePtr {
     auto out = c10::make_intrusive<c10::ivalue::Future>(c10::AnyType::get());
+    ReceivedForks forks;
     py::gil_scoped_acquire gil;
     py::tuple r = (*remote)(v.bytes, v.tensors);
     auto settle = [out, remoteValue](const py::tuple& result) {
@@ -374,6 +376,8 @@ void initAgentBindings(py::module_& m) {
       .def("wait_until_idle", &Agent::waitUntilIdle, py::call_guard<py::gil_scoped_release>())
       .def("shutdown", &Agent::shutdown, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("running", &Agent::running);
+  m.def("wait_received_forks", &ReceivedForks::waitConfirmed, py::call_guard<py::gil_scoped_release>(),
+        "Waits until the owners confirmed the RRefs the request being served carried.");
   m.def("current_agent", &currentAgent, "The running agent; RpcShutdownError if none.");
   m.def("set_current_agent", &setCurrentAgent, py::arg("agent").none(true),
         "Makes `agent` the one torch.ops.torchrpc uses (None clears it).");

@@ -40,7 +40,17 @@ class RRef : public torch::CustomClassHolder {
   void setIsPython(bool isPython) { isPython_.store(isPython); }
   const ForkId& forkId() const { return forkId_; }
   bool confirmed() const { return isOwner_ || confirmed_.load(); }
-  void setConfirmed() { confirmed_.store(true); }
+  void setConfirmed() {
+    confirmed_.store(true);
+    settleConfirmation();
+  }
+  // Completes once the owner has confirmed this user fork, or once it is
+  // known it never will (the fork request failed): a call that received the
+  // fork runs after that, as in torch.
+  const c10::intrusive_ptr<c10::ivalue::Future>& confirmation() const { return confirmation_; }
+  void settleConfirmation() {
+    if (!confirmationSettled_.exchange(true)) confirmation_->markCompleted(c10::IValue());
+  }
 
   // Owner: completes with the value or the error that creating it raised.
   // User: completes with an error if creation failed (else stays pending).
@@ -54,6 +64,8 @@ class RRef : public torch::CustomClassHolder {
   std::atomic<bool> isPython_;
   ForkId forkId_;
   std::atomic<bool> confirmed_{false};
+  std::atomic<bool> confirmationSettled_{false};
+  c10::intrusive_ptr<c10::ivalue::Future> confirmation_;
   c10::intrusive_ptr<c10::ivalue::Future> value_;
 };
 

@@ -1,5 +1,8 @@
 #include "rref/rref_context.h"
 
+#include <chrono>
+#include <condition_variable>
+
 #include "agent/agent.h"
 #include "messages/python_call.h"
 #include "messages/rref_proto.h"
@@ -13,6 +16,9 @@ const ForkId kSentToOwner{-2, -2};
 
 thread_local int64_t tlsSendingTo = -1;
 thread_local std::vector<RRefPtr> tlsHeld;
+thread_local bool tlsCollecting = false;
+constexpr auto kConfirmationWait = std::chrono::seconds(30);
+thread_local std::vector<RRefPtr> tlsReceived;
 
 c10::intrusive_ptr<c10::ivalue::Future> newFuture() {
   return c10::make_intrusive<c10::ivalue::Future>(c10::AnyType::get());
@@ -22,15 +28,17 @@ c10::intrusive_ptr<c10::ivalue::Future> newFuture() {
 
 RRef::RRef(std::weak_ptr<RRefContext> ctx, RRefId id, int64_t ownerId, bool isPython)
     : ctx_(std::move(ctx)), id_(id), ownerId_(ownerId), isOwner_(true), isPython_(isPython),
-      forkId_(kNoFork), value_(newFuture()) {
+      forkId_(kNoFork), confirmation_(newFuture()), value_(newFuture()) {
   confirmed_.store(true);
+  settleConfirmation();
 }
 
 RRef::RRef(std::weak_ptr<RRefContext> ctx, RRefId id, int64_t ownerId, ForkId forkId, bool isPython,
            bool confirmed)
     : ctx_(std::move(ctx)), id_(id), ownerId_(ownerId), isOwner_(false), isPython_(isPython),
-      forkId_(forkId), value_(newFuture()) {
+      forkId_(forkId), confirmation_(newFuture()), value_(newFuture()) {
   confirmed_.store(confirmed);
+  if (confirmed) settleConfirmation();
   if (auto c = ctx_.lock()) c->userCreated();
 }
 
@@ -147,6 +155,38 @@ void RRefContext::userDropped(const RRefId& id, int64_t ownerId, const ForkId& f
   sendControl(ownerId, RRefUserDelete(id, forkId).toMessage(), "RRef delete");
 }
 
+ReceivedForks::ReceivedForks() : previous_(tlsCollecting) {
+  tlsCollecting = true;
+  tlsReceived.clear();
+}
+ReceivedForks::~ReceivedForks() {
+  tlsCollecting = previous_;
+  tlsReceived.clear();
+}
+void ReceivedForks::waitConfirmed() {
+  std::vector<RRefPtr> received = std::move(tlsReceived);
+  tlsReceived.clear();
+  if (received.empty()) return;
+  // Bounded: an owner that neither answers nor drops the connection (a
+  // frozen process) must not hold this thread forever; the call then runs
+  // with the fork unconfirmed.
+  struct Signal {
+    std::mutex mu;
+    std::condition_variable cv;
+    size_t left;
+  };
+  auto signal = std::make_shared<Signal>();
+  signal->left = received.size();
+  for (const auto& r : received) {
+    r->confirmation()->addCallback([signal](c10::ivalue::Future&) {
+      std::lock_guard<std::mutex> g(signal->mu);
+      if (--signal->left == 0) signal->cv.notify_all();
+    });
+  }
+  std::unique_lock<std::mutex> g(signal->mu);
+  signal->cv.wait_for(g, kConfirmationWait, [&] { return signal->left == 0; });
+}
+
 SendingTo::SendingTo(int64_t to) : previous_(tlsSendingTo) { tlsSendingTo = to; }
 SendingTo::~SendingTo() {
   tlsSendingTo = previous_;
@@ -211,6 +251,7 @@ RRefPtr RRefContext::unfork(const c10::IValue& info) {
       std::lock_guard<std::mutex> g(mu_);
       unconfirmed_[forkId] = Unconfirmed{id, ownerId, c10::weak_intrusive_ptr<RRef>(user), false};
     }
+    if (tlsCollecting) tlsReceived.push_back(user);
     std::weak_ptr<RRefContext> weakSelf = weak_from_this();
     sendControl(ownerId, RRefForkRequest(id, forkId).toMessage(), "RRef fork request",
                 [weakSelf, forkId, parent] {
@@ -218,6 +259,11 @@ RRefPtr RRefContext::unfork(const c10::IValue& info) {
                     self->confirmUser(forkId);
                     self->sendControl(parent, RRefChildAccept(forkId).toMessage(), "RRef child accept");
                   }
+                },
+                [weak = c10::weak_intrusive_ptr<RRef>(user)] {
+                  // Never confirmed (the owner is gone): calls waiting for it
+                  // run anyway, and fail where they use it.
+                  if (auto u = weak.lock()) u->settleConfirmation();
                 });
   }
   return user;
@@ -269,16 +315,21 @@ void RRefContext::onChildAccept(const ForkId& forkId) {
 }
 
 void RRefContext::sendControl(int64_t to, Message&& message, const std::string& what,
-                              std::function<void()> onAck) {
+                              std::function<void()> onAck, std::function<void()> onFail) {
   try {
     auto fut = agent_.send(to, std::move(message), 0, what);
-    if (onAck) {
-      fut->addCallback([onAck = std::move(onAck)](c10::ivalue::Future& f) {
-        if (!f.hasError()) onAck();
+    if (onAck || onFail) {
+      fut->addCallback([onAck = std::move(onAck), onFail](c10::ivalue::Future& f) {
+        if (!f.hasError()) {
+          if (onAck) onAck();
+        } else if (onFail) {
+          onFail();
+        }
       });
     }
   } catch (const std::exception&) {
     // Shut down or peer gone: the protocol ends with the connection.
+    if (onFail) onFail();
   }
 }
 

@@ -30,6 +30,22 @@ namespace torchrpc {
 
 class Agent;
 
+// While a request is decoded in this scope, the user RRefs it carries that
+// the owner has not confirmed yet are noted; waitConfirmed() then waits for
+// their confirmations, so the call sees confirmed_by_owner() as in torch.
+class ReceivedForks {
+ public:
+  ReceivedForks();
+  ~ReceivedForks();
+  ReceivedForks(const ReceivedForks&) = delete;
+  ReceivedForks& operator=(const ReceivedForks&) = delete;
+  // Waits for the forks noted on this thread since the scope began.
+  static void waitConfirmed();
+
+ private:
+  bool previous_;
+};
+
 // While a request to worker `to` is encoded in this scope, user RRefs that
 // `to` owns travel by id, with no fork and no protocol messages: the scope
 // keeps them (take()), and the caller holds them until the reply, which
@@ -109,7 +125,7 @@ class RRefContext : public std::enable_shared_from_this<RRefContext> {
   RRefPtr maybeEraseLocked(const RRefId& id);
   void confirmUser(const ForkId& forkId);
   void sendControl(int64_t to, Message&& message, const std::string& what,
-                   std::function<void()> onAck = nullptr);
+                   std::function<void()> onAck = nullptr, std::function<void()> onFail = nullptr);
 
   Agent& agent_;
   std::mutex mu_;
