@@ -376,8 +376,14 @@ void initAgentBindings(py::module_& m) {
       .def("wait_until_idle", &Agent::waitUntilIdle, py::call_guard<py::gil_scoped_release>())
       .def("shutdown", &Agent::shutdown, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("running", &Agent::running);
-  m.def("wait_received_forks", &ReceivedForks::waitConfirmed, py::call_guard<py::gil_scoped_release>(),
-        "Waits until the owners confirmed the RRefs the request being served carried.");
+  m.def(
+      "wait_received_forks",
+      [] {
+        if (!ReceivedForks::any()) return;  // keep the GIL: nothing to wait for
+        py::gil_scoped_release release;
+        ReceivedForks::waitConfirmed();
+      },
+      "Waits until the owners confirmed the RRefs the request being served carried.");
   m.def("current_agent", &currentAgent, "The running agent; RpcShutdownError if none.");
   m.def("set_current_agent", &setCurrentAgent, py::arg("agent").none(true),
         "Makes `agent` the one torch.ops.torchrpc uses (None clears it).");

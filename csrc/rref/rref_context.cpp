@@ -163,6 +163,8 @@ ReceivedForks::~ReceivedForks() {
   tlsCollecting = previous_;
   tlsReceived.clear();
 }
+bool ReceivedForks::any() { return !tlsReceived.empty(); }
+
 void ReceivedForks::waitConfirmed() {
   std::vector<RRefPtr> received = std::move(tlsReceived);
   tlsReceived.clear();

@@ -41,6 +41,8 @@ class ReceivedForks {
   ReceivedForks& operator=(const ReceivedForks&) = delete;
   // Waits for the forks noted on this thread since the scope began.
   static void waitConfirmed();
+  // True if any were noted (the common case is none: nothing to wait for).
+  static bool any();
 
  private:
   bool previous_;
