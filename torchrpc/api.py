@@ -101,15 +101,10 @@ _initializing = threading.Event()  # set while init_rpc runs
 _initialized = threading.Event()  # set when init_rpc finished (or failed)
 
 
-def _await_init():
-    """Waits while init_rpc is finishing: a peer that finished rendezvous
-    first may already be calling us."""
-    if _state is None and _initializing.is_set():
-        _initialized.wait(timeout=60)
-
-
 def _current() -> _State:
-    _await_init()
+    if _state is None and _initializing.is_set():
+        # A peer that finished rendezvous first may already be calling us.
+        _initialized.wait(timeout=60)
     if _state is None:
         raise RpcShutdownError("torchrpc: RPC is not running (call torchrpc.init_rpc first)")
     return _state

@@ -83,16 +83,7 @@ def run_python_call(pickled, tensors):
     traceback); for an @async_execution function, ("future", F): F completes
     with one of those two once the function's Future does.
     """
-    try:
-        fn, args, kwargs = loads(pickled, tensors)
-        _C.wait_received_forks()  # RRef arguments are confirmed by their owners first
-        fn = _target(fn)
-        result = fn(*args, **kwargs)
-        if _is_async_execution(fn):
-            return ("future", _reply_when_done(fn, result, lambda v: ("ok",) + dumps(v)))
-        return ("ok",) + dumps(result)
-    except BaseException as e:  # every failure goes back to the caller
-        return _error(e)
+    return _run(pickled, tensors, lambda value: ("ok",) + dumps(value))
 
 
 def run_python_remote(pickled, tensors):
@@ -101,15 +92,21 @@ def run_python_remote(pickled, tensors):
     Returns ("ok", result) or ("err", class name, message, traceback); for an
     @async_execution function, ("future", F), F completing with one of those.
     """
+    return _run(pickled, tensors, lambda value: ("ok", value))
+
+
+def _run(pickled, tensors, reply):
+    """Both entry points: unpickle, call, and reply(result), now or (for
+    async_execution) when the returned Future completes."""
     try:
         fn, args, kwargs = loads(pickled, tensors)
         _C.wait_received_forks()  # RRef arguments are confirmed by their owners first
         fn = _target(fn)
         result = fn(*args, **kwargs)
         if _is_async_execution(fn):
-            return ("future", _reply_when_done(fn, result, lambda v: ("ok", v)))
-        return ("ok", result)
-    except BaseException as e:
+            return ("future", _reply_when_done(fn, result, reply))
+        return reply(result)
+    except BaseException as e:  # every failure goes back to the caller
         return _error(e)
 
 

@@ -141,13 +141,9 @@ def _owned(rref_id):
 
 
 def _unfork(info):
-    """The RRef a received fork names (python_udf unpickles forks with it)."""
-    from torchrpc import api
-
-    # A peer can send us an RRef while our init_rpc is still finishing, before
-    # this worker knows the others: unforking tells the owner and the parent,
-    # and fetching needs the owner's address, so wait for that.
-    api._await_init()
+    """The RRef a received fork names (python_udf unpickles forks with it).
+    Requests are served only once this worker knows the others (the agent
+    holds them until then), so the owner and parent can be told at once."""
     return RRef(_script_object=_agent().rref_unfork(tuple(info)))
 
 

@@ -254,9 +254,9 @@ void Agent::serveRequest(const std::shared_ptr<Connection>& conn, Message&& requ
     }
     reply(conn, std::move(response), id);
   };
-  if (!response) {
+  if (!response && !workersSet_.load()) {
     std::unique_lock<std::mutex> g(workersMu_);
-    if (!workersCv_.wait_for(g, kWorkersWait, [this] { return workersSet_ || stopped_.load(); })) {
+    if (!workersCv_.wait_for(g, kWorkersWait, [this] { return workersSet_.load() || stopped_.load(); })) {
       response = RemoteException(kindName(ErrorKind::kShutdown),
                                  "torchrpc: worker '" + self_.name + "' never finished init_rpc", "")
                      .toMessage();
@@ -307,17 +307,11 @@ void respondWhenDone(const FuturePtr& future, Responder respond,
 // The owner's value once `result` is ready: a script function decorated
 // with async_execution returns a Future, whose value is the one to own.
 void completeOwnerWith(const RRefPtr& owner, const c10::IValue& result) {
-  if (!result.isFuture()) {
+  if (result.isFuture()) {
+    completeFrom(result.toFuture(), owner->valueFuture());
+  } else {
     owner->valueFuture()->markCompleted(result);
-    return;
   }
-  result.toFuture()->addCallback([owner](c10::ivalue::Future& f) {
-    if (f.hasError()) {
-      owner->valueFuture()->setErrorIfNeeded(f.exception_ptr());
-    } else {
-      owner->valueFuture()->markCompleted(f.value());
-    }
-  });
 }
 
 std::optional<Message> Agent::runRequest(Message& request, int64_t from, const Responder& respond) {
@@ -354,14 +348,7 @@ std::optional<Message> Agent::runRequest(Message& request, int64_t from, const R
       auto call = PythonRemoteCall::fromMessage(request);
       auto owner = rrefs_->ownerForRemoteCall(call->rrefId(), call->forkId(), true);
       try {
-        FuturePtr value = python_.runRemote(std::move(call->value()));
-        value->addCallback([owner](c10::ivalue::Future& f) {
-          if (f.hasError()) {
-            owner->valueFuture()->setErrorIfNeeded(f.exception_ptr());
-          } else {
-            owner->valueFuture()->markCompleted(f.value());
-          }
-        });
+        completeFrom(python_.runRemote(std::move(call->value())), owner->valueFuture());
       } catch (...) {
         owner->valueFuture()->setErrorIfNeeded(std::current_exception());
         throw;
@@ -440,13 +427,7 @@ FuturePtr Agent::rrefBackward(const RRefPtr& owner, int64_t contextId, bool reta
         done->markCompleted(c10::IValue());
         return;
       }
-      autograd_->backward(contextId, {root}, retainGraph)->addCallback([done](c10::ivalue::Future& f) {
-        if (f.hasError()) {
-          done->setErrorIfNeeded(f.exception_ptr());
-        } else {
-          done->markCompleted(c10::IValue());
-        }
-      });
+      completeFrom(autograd_->backward(contextId, {root}, retainGraph), done);
     } catch (...) {
       done->setErrorIfNeeded(std::current_exception());
     }

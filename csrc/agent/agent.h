@@ -34,7 +34,6 @@
 
 namespace torchrpc {
 
-using FuturePtr = c10::intrusive_ptr<c10::ivalue::Future>;
 
 struct WorkerInfo {
   std::string name;
@@ -172,7 +171,7 @@ class Agent {
   // address other workers (RRef forks).
   std::mutex workersMu_;
   std::condition_variable workersCv_;
-  bool workersSet_ = false;
+  std::atomic<bool> workersSet_{false};  // read without the lock on every request
   std::unique_ptr<Transport> transport_;
   std::thread timer_;
 };

@@ -7,29 +7,6 @@
 
 namespace torchrpc {
 
-FuturePtr whenAll(const std::vector<FuturePtr>& futures, bool failOnError) {
-  auto all = c10::make_intrusive<c10::ivalue::Future>(c10::NoneType::get());
-  if (futures.empty()) {
-    all->markCompleted(c10::IValue());
-    return all;
-  }
-  struct State {
-    std::atomic<size_t> left;
-    std::atomic<bool> settled{false};  // exactly one callback completes `all`
-    explicit State(size_t n) : left(n) {}
-  };
-  auto state = std::make_shared<State>(futures.size());
-  for (const auto& f : futures) {
-    f->addCallback([all, state, failOnError](c10::ivalue::Future& done) {
-      if (failOnError && done.hasError()) {
-        if (!state->settled.exchange(true)) all->setError(done.exception_ptr());
-      }
-      if (state->left.fetch_sub(1) == 1 && !state->settled.exchange(true)) all->markCompleted(c10::IValue());
-    });
-  }
-  return all;
-}
-
 bool DistAutograd::carriesContext(MessageType type) {
   switch (type) {
     case MessageType::kScriptCall:

@@ -31,11 +31,10 @@
 #include <functional>
 
 #include "autograd/context.h"
+#include "futures.h"
 #include "messages/autograd.h"
 
 namespace torchrpc {
-
-using FuturePtr = c10::intrusive_ptr<c10::ivalue::Future>;
 
 class DistAutograd {
  public:
@@ -74,9 +73,5 @@ class DistAutograd {
   AutogradContexts contexts_;
   Send send_;
 };
-
-// A future that completes with None when every one of `futures` has, or with
-// the first error among them (when `failOnError`).
-FuturePtr whenAll(const std::vector<FuturePtr>& futures, bool failOnError);
 
 }  // namespace torchrpc

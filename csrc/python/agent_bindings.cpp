@@ -10,10 +10,18 @@
 #include "messages/control.h"
 #include "messages/python_call.h"
 #include "messages/script_call.h"
+#include "python/py_rref.h"
 
 namespace py = pybind11;
 
 namespace torchrpc {
+
+RRefPtr toRRef(const py::handle& obj) {
+  return torch::jit::toIValue(obj, c10::getCustomClassType<RRefPtr>()).toCustomClass<RRef>();
+}
+
+py::object fromRRef(RRefPtr rref) { return torch::jit::toPyObject(c10::IValue(std::move(rref))); }
+
 namespace {
 
 using torch::jit::PythonFutureWrapper;
@@ -206,12 +214,6 @@ void setPythonHooks(Agent& agent, py::object runCall, py::object runRemote, py::
   };
   agent.setPythonHooks(std::move(hooks));
 }
-
-RRefPtr toRRef(const py::handle& obj) {
-  return torch::jit::toIValue(obj, c10::getCustomClassType<RRefPtr>()).toCustomClass<RRef>();
-}
-
-py::object fromRRef(RRefPtr rref) { return torch::jit::toPyObject(c10::IValue(std::move(rref))); }
 
 // remote(): `request` builds the message from the new ids.
 py::object startRemote(Agent& agent, int64_t to, const std::string& what, bool isPython, double timeout,

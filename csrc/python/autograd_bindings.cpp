@@ -7,6 +7,7 @@
 
 #include "agent/agent.h"
 #include "messages/autograd.h"
+#include "python/py_rref.h"
 
 namespace py = pybind11;
 
@@ -23,10 +24,6 @@ void runAndWait(const std::function<FuturePtr()>& start) {
     fut->wait();
   }
   if (fut->hasError()) std::rethrow_exception(fut->exception_ptr());
-}
-
-RRefPtr toRRef(const py::handle& obj) {
-  return torch::jit::toIValue(obj, c10::getCustomClassType<RRefPtr>()).toCustomClass<RRef>();
 }
 
 }  // namespace
