@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Optional, Union
 import torch
 
 import scripted_ops
-from torchrpc import _C, functions, python_udf, rendezvous  # noqa: F401  (torchrpc.functions)
+from torchrpc import _C, python_udf, rendezvous
 from torchrpc.compat import BackendType, RpcBackendOptions, TensorPipeRpcBackendOptions
 from torchrpc.rref import RRef, _unwrap, _wrap
 from torchrpc.errors import (
