@@ -20,6 +20,8 @@ def get_extensions():
             "torchrpc._C",
             sources,
             include_dirs=[os.path.abspath("csrc")],
+            # OpenSSL's libcrypto: HMAC-SHA256 and nonces for the peer handshake.
+            libraries=["crypto"],
             extra_compile_args={"cxx": flags + ["-std=c++17", "-Wall", "-Wno-unused-parameter"]},
         )
     ]

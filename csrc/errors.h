@@ -21,6 +21,8 @@ enum class ErrorKind : uint8_t {
   kArgument = 6,    // torchrpc.ArgumentError (a TypeError): schema mismatch.
   kNotFound = 7,    // torchrpc.FunctionNotFoundError: unknown function name.
   kForbidden = 8,   // torchrpc.PythonCallDisabledError: UDFs not enabled.
+  kAuth = 9,        // torchrpc.AuthenticationError: a peer failed the handshake.
+  kCancelled = 10,  // torchrpc.RpcCancelledError: torchrpc.cancel() gave the call up.
 };
 
 class RpcError : public std::runtime_error {

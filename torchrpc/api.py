@@ -6,13 +6,14 @@ import dataclasses
 import gc
 import os
 import threading
+import time
 import warnings
 from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 
 import scripted_ops
-from torchrpc import _C, python_udf, rendezvous
+from torchrpc import _C, python_udf, rendezvous, trust
 from torchrpc.compat import BackendType, RpcBackendOptions, TensorPipeRpcBackendOptions
 from torchrpc.rref import RRef, _unwrap, _wrap
 from torchrpc.errors import (
@@ -39,6 +40,7 @@ __all__ = [
     "get_worker_info",
     "remote",
     "debug_info",
+    "cancel",
     "RRef",
 ]
 
@@ -57,6 +59,20 @@ class RpcOptions:
     shutdown_timeout: default seconds a graceful shutdown waits for peers.
     rref_leaks: what a graceful shutdown does about RRefs still referenced
         once every worker has finished: "ignore", "warn" or "raise".
+
+    Trust and liveness (see README, "Security model"):
+    secret: the job's shared secret (str or bytes, at least 16 bytes); else
+        TORCHRPC_SECRET or TORCHRPC_SECRET_FILE; else rank 0 draws one per
+        job and workers listen on loopback only.
+    insecure: allow listening beyond loopback with a store-distributed secret.
+    handshake_timeout: seconds a connection may take to authenticate.
+    max_pending_handshakes: connections allowed mid-handshake at once.
+    max_frame_bytes / max_inflight_bytes: the largest message accepted, and
+        the bytes of all messages being received at once.
+    heartbeat_interval: an idle connection sends a heartbeat this often.
+    peer_timeout: a peer silent this long is declared lost.
+    faults: fault injection for tests (TORCHRPC_FAULTS), e.g.
+        "RREF_USER_DELETE:drop:0.2,SCRIPT_CALL:delay:0.05".
     """
 
     num_worker_threads: int = 16
@@ -67,6 +83,15 @@ class RpcOptions:
     init_timeout: float = 120.0
     shutdown_timeout: float = 120.0
     rref_leaks: str = "warn"
+    secret: Optional[Union[str, bytes]] = dataclasses.field(default=None, repr=False)
+    insecure: bool = False
+    handshake_timeout: float = 5.0
+    max_pending_handshakes: int = 64
+    max_frame_bytes: int = 1 << 40
+    max_inflight_bytes: int = 8 << 30
+    heartbeat_interval: float = 0.5
+    peer_timeout: float = 2.0
+    faults: str = dataclasses.field(default_factory=lambda: os.environ.get("TORCHRPC_FAULTS", ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,12 +198,28 @@ def _resolve_options(backend, rpc_backend_options, options, init_method):
 def _start(name, rank, world_size, host, port, options):
     """Rendezvous and agent start-up; init_rpc's body."""
     global _state
+    deadline = time.monotonic() + options.init_timeout
+    secret = trust.configured_secret(options.secret)
     my_host = rendezvous.local_address_towards(host)
-    store = rendezvous.open_store(host, port, rank, world_size, options.init_timeout)
-    agent = _C.Agent(
-        name, rank, options.num_worker_threads, float(options.rpc_timeout),
-        options.python_udf, my_host, my_host,
-    )
+    trust.check_listen_host(my_host, secret, options.insecure)
+    store = rendezvous.open_store(host, port, rank, world_size, deadline)
+    job_id, secret = trust.job_credentials(store, rank, secret)
+    agent = _C.Agent(name, rank, {
+        "num_worker_threads": options.num_worker_threads,
+        "rpc_timeout": float(options.rpc_timeout),
+        "python_udf": options.python_udf,
+        "faults": options.faults or "",
+        "listen_host": my_host,
+        "advertised_host": my_host,
+        "secret": secret,
+        "job_id": job_id,
+        "handshake_timeout": float(options.handshake_timeout),
+        "max_pending_handshakes": int(options.max_pending_handshakes),
+        "heartbeat_interval": float(options.heartbeat_interval),
+        "peer_timeout": float(options.peer_timeout),
+        "max_frame_bytes": int(options.max_frame_bytes),
+        "max_inflight_bytes": int(options.max_inflight_bytes),
+    })
     # Ready to serve before anyone can learn our address.
     agent.set_python_hooks(
         python_udf.run_python_call, python_udf.run_python_remote, python_udf.dumps
@@ -192,7 +233,7 @@ def _start(name, rank, world_size, host, port, options):
         infos = rendezvous.exchange(
             store, rank, world_size,
             {"name": name, "address": agent.address, "python_udf": options.python_udf},
-            options.init_timeout,
+            deadline - time.monotonic(),
         )
     except BaseException:
         _C.set_current_agent(None)
@@ -205,13 +246,17 @@ def _start(name, rank, world_size, host, port, options):
     _state = state
 
 
-def shutdown(graceful: bool = True, timeout: Optional[float] = None):
+def shutdown(graceful: bool = True, timeout: Optional[float] = None,
+             raise_on_lost_peers: bool = False):
     """Stops this worker.
 
     graceful=True waits until every worker has finished its calls (a barrier
     over all workers), then closes; graceful=False closes at once, failing
     pending calls. Past `timeout` seconds (None: RpcOptions.shutdown_timeout;
     0: no limit, as in torch) it closes anyway and raises RpcTimeoutError.
+    Workers found lost (dead, frozen, unreachable: see peer_timeout) are not
+    waited for; they are named in a RuntimeWarning, or in an RpcShutdownError
+    with raise_on_lost_peers=True.
     """
     global _state
     with _lock:
@@ -223,27 +268,46 @@ def shutdown(graceful: bool = True, timeout: Optional[float] = None):
     elif timeout == 0:
         timeout = _NO_LIMIT_S
     n = len(state.workers)
+    rank = state.self_info.id
+    agent = state.agent
     ok = True
     leaks = None
+    gone = lambda: set(agent.lost_peers()) | set(agent.left_peers())  # noqa: E731
+    lost = {}
     try:
         if graceful:
             # Still serving (Python callables and RRef forks need _state) until
             # every worker has finished its own calls. Dropped RRefs send their
             # deletes now, and the wait covers their acknowledgements.
             gc.collect()
-            ok = state.agent.wait_until_idle(timeout)
-            ok = rendezvous.barrier(state.store, "torchrpc/shutdown/1", n, timeout) and ok
+            ok = agent.wait_until_idle(timeout)
+            ok = rendezvous.barrier(
+                state.store, "torchrpc/shutdown/1", rank, n, timeout, gone=gone,
+                probe=agent.probe_peers,
+            ) and ok
             leaks = _rref_leaks(state) if ok else None
     finally:
+        gone_before = gone()
+        lost = agent.lost_peers()
         with _lock:
             _state = None
         _C.set_current_agent(None)
-        state.agent.shutdown()
+        agent.shutdown()
     if graceful:
-        # Rank 0 hosts the store: it leaves only after every worker has left
-        # the first barrier, so none of them loses the store mid-wait.
-        is_host = state.self_info.id == 0
-        rendezvous.barrier(state.store, "torchrpc/shutdown/2", n, timeout, wait=is_host)
+        # Rank 0 hosts the store: it leaves only after every live worker has
+        # left the first barrier, so none of them loses the store mid-wait.
+        rendezvous.barrier(
+            state.store, "torchrpc/shutdown/2", rank, n, timeout, wait=rank == 0,
+            gone=lambda: gone_before,
+        )
+    if lost:
+        names = ", ".join(
+            f"{state.workers[r].name!r} ({why})" for r, why in sorted(lost.items()) if r < n
+        )
+        message = f"torchrpc: worker {state.self_info.name!r} shut down with lost peers: {names}"
+        if raise_on_lost_peers:
+            raise RpcShutdownError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
     if not ok:
         raise RpcTimeoutError(
             f"torchrpc: graceful shutdown timed out after {timeout} s "
@@ -253,6 +317,14 @@ def shutdown(graceful: bool = True, timeout: Optional[float] = None):
         raise RpcError(leaks)
     if leaks:
         warnings.warn(leaks, RuntimeWarning, stacklevel=2)
+
+
+def cancel(fut) -> bool:
+    """Gives up a call made with rpc_async: its future fails with
+    RpcCancelledError, and the callee drops the request if it has not started
+    (or discards its result). Returns True if the call never ran; False if it
+    ran, finished already, or its worker could not be asked."""
+    return _current().agent.cancel(getattr(fut, "_torchrpc_source", fut))
 
 
 _NO_LIMIT_S = 10 * 365 * 24 * 3600.0  # "no timeout" as seconds the C++ waits can take
@@ -415,6 +487,7 @@ def _unpickled(fut, held=None):
     remote error in RuntimeError, and callers expect the error's own class.
     `held` stays referenced until fut completes."""
     out = torch.futures.Future()
+    out._torchrpc_source = fut  # for cancel()
 
     def done(f, held=held):
         try:
@@ -461,8 +534,12 @@ def remote(to, func, args=None, kwargs=None, timeout: Optional[float] = None) ->
 
 
 def debug_info() -> dict:
-    """Counts of this worker's RRef state and requests in flight."""
-    return _current().agent.debug_info()
+    """Counts of this worker's RRef state and requests in flight, and the
+    peers it found lost."""
+    state = _current()
+    info = state.agent.debug_info()
+    info["lost_peers"] = {state.workers[r].name: why for r, why in state.agent.lost_peers().items()}
+    return info
 
 
 @atexit.register

@@ -16,6 +16,8 @@ __all__ = [
     "RpcTimeoutError",
     "RemoteError",
     "PeerLostError",
+    "AuthenticationError",
+    "RpcCancelledError",
     "RpcShutdownError",
     "ArgumentError",
     "FunctionNotFoundError",
@@ -63,6 +65,16 @@ class FunctionNotFoundError(RpcError, LookupError):
 
 class PythonCallDisabledError(RpcError):
     """A Python callable was sent to a worker that did not opt in (python_udf)."""
+
+
+class AuthenticationError(PeerLostError, PermissionError):
+    """A peer failed the connection handshake: it does not hold this job's
+    secret (or belongs to another job). A PeerLostError too, since the
+    connection is refused."""
+
+
+class RpcCancelledError(RpcError):
+    """torchrpc.cancel() gave the call up before its reply arrived."""
 
 
 class InvalidWorkerError(RpcError, ValueError):

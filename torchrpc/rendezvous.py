@@ -7,12 +7,12 @@ import re
 import socket
 import time
 from datetime import timedelta
-from typing import List
+from typing import Callable, List, Optional, Set
 from urllib.parse import urlparse
 
 from torch.distributed import TCPStore
 
-from torchrpc.errors import InvalidWorkerError, RpcTimeoutError
+from torchrpc.errors import InvalidWorkerError, RpcError, RpcTimeoutError
 
 _NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 
@@ -62,13 +62,41 @@ def check_name(name: str):
         )
 
 
-def open_store(host: str, port: int, rank: int, world_size: int, timeout: float) -> TCPStore:
+def open_store(host: str, port: int, rank: int, world_size: int, deadline: float) -> TCPStore:
+    """The rendezvous store: hosted here on rank 0, else reached by
+    `deadline` (time.monotonic()) or RpcTimeoutError."""
     # Under torchrun the elastic agent already hosts a store on MASTER_PORT.
     agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    return TCPStore(
-        host, port, world_size, rank == 0 and not agent_hosts, timedelta(seconds=timeout),
-        wait_for_workers=False,
-    )
+    is_host = rank == 0 and not agent_hosts
+    if not is_host:
+        _wait_reachable(host, port, deadline)
+    left = max(deadline - time.monotonic(), 0.1)
+    try:
+        return TCPStore(
+            host, port, world_size, is_host, timedelta(seconds=left), wait_for_workers=False,
+        )
+    except Exception as e:
+        if is_host:
+            raise RpcError(f"torchrpc: rank 0 cannot host the rendezvous store on port {port}: {e}") from e
+        raise RpcTimeoutError(
+            f"torchrpc: rendezvous: cannot use the store at {host}:{port} (hosted by rank 0): {e}"
+        ) from e
+
+
+def _wait_reachable(host: str, port: int, deadline: float):
+    # TCPStore's own client retries past any timeout it is given; a plain
+    # connect loop keeps init_rpc within init_timeout.
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(0.05, min(1.0, deadline - time.monotonic()))):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise RpcTimeoutError(
+                    f"torchrpc: rendezvous timed out: nothing answered at {host}:{port}, where rank 0 "
+                    f"hosts the store (is rank 0 running? last error: {e})"
+                ) from None
+            time.sleep(0.05)
 
 
 def exchange(store, rank: int, world_size: int, info: dict, timeout: float) -> List[dict]:
@@ -78,10 +106,15 @@ def exchange(store, rank: int, world_size: int, info: dict, timeout: float) -> L
     store.set(f"torchrpc/worker/{rank}", json.dumps(info))
     keys = [f"torchrpc/worker/{r}" for r in range(world_size)]
     try:
-        store.wait(keys, timedelta(seconds=timeout))
+        store.wait(keys, timedelta(seconds=max(timeout, 0.1)))
     except Exception as e:
+        try:
+            missing = [r for r, k in enumerate(keys) if not store.check([k])]
+        except Exception:
+            missing = "unknown (the store went away)"
         raise RpcTimeoutError(
-            f"torchrpc: rendezvous timed out after {timeout} s waiting for {world_size} workers"
+            f"torchrpc: rendezvous timed out waiting for {world_size} workers: "
+            f"ranks {missing} never arrived"
         ) from e
     infos = [json.loads(store.get(k)) for k in keys]
     seen = {}
@@ -94,19 +127,35 @@ def exchange(store, rank: int, world_size: int, info: dict, timeout: float) -> L
     return infos
 
 
-def barrier(store, key: str, world_size: int, timeout: float, wait: bool = True) -> bool:
-    """Counts this worker in at `key` and, if `wait`, waits for all.
+def barrier(store, key: str, rank: int, world_size: int, timeout: float, wait: bool = True,
+            gone: Callable[[], Set[int]] = set, probe: Optional[Callable[[], None]] = None) -> bool:
+    """Counts this worker in at `key` and, if `wait`, waits for every other
+    worker to count in or be `gone()` (lost or shut down: a dead worker must
+    not hold the others up). `probe` is called now and then, so that workers
+    we never talked to are checked too.
 
-    Returns False if the timeout passed or the store went away first.
+    Returns False if the timeout passed first, or the store went away while
+    every worker still looked alive.
     """
+    deadline = time.monotonic() + timeout
+    waiting = set(range(world_size)) - {rank}
+    next_probe = 0.0
     try:
         # A store whose host died must fail fast, not retry for init_timeout.
         store.set_timeout(timedelta(seconds=min(timeout, 5.0)))
+        store.set(f"{key}/{rank}", "1")
         count = store.add(key, 1)
-        deadline = time.monotonic() + timeout
-        while wait and count < world_size and time.monotonic() < deadline:
-            time.sleep(0.005)
-            count = store.add(key, 0)
+        while wait and waiting and time.monotonic() < deadline:
+            if count >= world_size:
+                return True
+            waiting -= gone()
+            waiting = {r for r in waiting if not store.check([f"{key}/{r}"])}
+            if waiting and probe is not None and time.monotonic() >= next_probe:
+                probe()
+                next_probe = time.monotonic() + 0.5
+            if waiting:
+                time.sleep(0.01)
+                count = store.add(key, 0)
     except Exception:
-        return False
-    return count >= world_size or not wait
+        return bool(gone())
+    return not wait or not waiting or count >= world_size

@@ -4,13 +4,14 @@
 #include <torch/csrc/jit/runtime/jit_exception.h>
 
 #include "agent/current_agent.h"
-#include "agent/tcp_transport.h"
+#include "agent/faulty_transport.h"
 #include "messages/control.h"
 
 namespace torchrpc {
 namespace {
 
-constexpr int64_t kProtocolVersion = 1;
+// How many finished requests per agent are remembered to ignore duplicates.
+constexpr size_t kRecentRequests = 4096;
 // Threads that complete futures handed to Python (see Agent::defer).
 constexpr size_t kCallbackThreads = 4;
 // How long a request that arrived before setWorkers waits for it.
@@ -25,6 +26,8 @@ const char* kindName(ErrorKind kind) {
     case ErrorKind::kArgument: return "torchrpc.ArgumentError";
     case ErrorKind::kNotFound: return "torchrpc.FunctionNotFoundError";
     case ErrorKind::kForbidden: return "torchrpc.PythonCallDisabledError";
+    case ErrorKind::kAuth: return "torchrpc.AuthenticationError";
+    case ErrorKind::kCancelled: return "torchrpc.RpcCancelledError";
     case ErrorKind::kRemote:
     case ErrorKind::kRpc: break;
   }
@@ -36,7 +39,7 @@ const char* kindName(ErrorKind kind) {
 bool kindFromName(const std::string& name, ErrorKind& kind) {
   for (ErrorKind k : {ErrorKind::kDecode, ErrorKind::kTimeout, ErrorKind::kPeerLost,
                       ErrorKind::kShutdown, ErrorKind::kArgument, ErrorKind::kNotFound,
-                      ErrorKind::kForbidden, ErrorKind::kRpc}) {
+                      ErrorKind::kForbidden, ErrorKind::kAuth, ErrorKind::kCancelled, ErrorKind::kRpc}) {
     if (name == kindName(k)) {
       kind = k;
       return true;
@@ -88,12 +91,23 @@ Agent::Agent(WorkerInfo self, AgentOptions options)
   callbacks_ = std::make_unique<ThreadPool>(kCallbackThreads);
   TransportCallbacks callbacks;
   callbacks.onMessage = [this](const std::shared_ptr<Connection>& c, Message&& m) { onMessage(c, std::move(m)); };
-  callbacks.onClosed = [this](const std::shared_ptr<Connection>& c, const std::string& why) { onClosed(c, why); };
-  transport_ = std::make_unique<TcpTransport>(options_.listenHost, options_.advertisedHost, std::move(callbacks));
+  callbacks.onClosed = [this](const std::shared_ptr<Connection>& c, CloseReason reason, const std::string& why) {
+    onClosed(c, reason, why);
+  };
+  TransportOptions transport = options_.transport;
+  transport.selfName = self_.name;
+  transport.credentials.selfId = self_.id;
+  if (transport.credentials.secret.empty()) {
+    throw RpcError(ErrorKind::kAuth, "torchrpc: an agent needs a secret to authenticate its peers");
+  }
+  transport_ = makeTransport(std::move(transport), std::move(callbacks), options_.faults);
   self_.address = transport_->address();
   rrefs_ = std::make_shared<RRefContext>(*this);
   autograd_ = std::make_unique<DistAutograd>(
-      self_.id, [this](int64_t to, Message&& m, const std::string& what) { return send(to, std::move(m), -1, what); });
+      self_.id, [this](int64_t to, Message&& m, const std::string& what) {
+        if (m.type == MessageType::kCleanupAutogradContextReq) return sendReliably(to, std::move(m), what);
+        return send(to, std::move(m), -1, what);
+      });
   timer_ = std::thread([this] { timeoutLoop(); });
 }
 
@@ -119,20 +133,42 @@ const WorkerInfo& Agent::worker(int64_t id) const {
 }
 
 std::shared_ptr<Connection> Agent::connectionTo(int64_t to) {
-  std::lock_guard<std::mutex> g(connMu_);
-  auto it = outgoing_.find(to);
-  if (it != outgoing_.end()) return it->second;
   const WorkerInfo& peer = worker(to);
-  std::shared_ptr<Connection> conn;
-  try {
-    conn = transport_->connect(peer.address);
-  } catch (const RpcError& e) {
-    throw RpcError(ErrorKind::kPeerLost, "torchrpc: cannot reach worker '" + peer.name + "' at " +
-                                             peer.address + ": " + e.what());
+  std::unique_lock<std::mutex> g(connMu_);
+  for (;;) {
+    auto it = outgoing_.find(to);
+    if (it != outgoing_.end()) return it->second;
+    if (!connecting_.count(to)) break;
+    connCv_.wait(g);  // one dial per peer at a time
   }
-  conn->setPeerId(to);
-  conn->send(Handshake(self_.name, self_.id, kProtocolVersion).toMessage());
-  outgoing_[to] = conn;
+  connecting_.insert(to);
+  g.unlock();
+  std::shared_ptr<Connection> conn;
+  std::exception_ptr failure;
+  std::string why;
+  try {
+    if (stopped_.load()) throw RpcError(ErrorKind::kShutdown, "torchrpc: RPC is shut down");
+    conn = transport_->connect(peer.address, to, peer.name);
+  } catch (const RpcError& e) {
+    if (e.kind() == ErrorKind::kPeerLost) {
+      why = e.what();
+      failure = std::make_exception_ptr(RpcError(
+          ErrorKind::kPeerLost, "torchrpc: cannot reach worker '" + peer.name + "' at " + peer.address + ": " + why));
+    } else {
+      failure = std::current_exception();
+    }
+  }
+  g.lock();
+  connecting_.erase(to);
+  if (conn) {
+    outgoing_[to] = conn;
+    lost_.erase(to);  // reachable again (a healed partition)
+  } else if (!why.empty() && !left_.count(to) && !stopped_.load()) {
+    lost_.emplace(to, why);
+  }
+  connCv_.notify_all();
+  g.unlock();
+  if (failure) std::rethrow_exception(failure);
   return conn;
 }
 
@@ -166,9 +202,17 @@ FuturePtr Agent::send(int64_t to, Message&& request, double timeoutSeconds, cons
     }
     pending_.emplace(id, std::move(p));
   }
+  std::shared_ptr<Connection> conn;
   try {
-    connectionTo(to)->send(request);
+    conn = connectionTo(to);
+    conn->send(request);
   } catch (const RpcError& e) {
+    if (conn && e.kind() == ErrorKind::kPeerLost) {
+      // A connection that broke under us is forgotten; the next call redials.
+      std::lock_guard<std::mutex> g(connMu_);
+      auto it = outgoing_.find(to);
+      if (it != outgoing_.end() && it->second == conn) outgoing_.erase(it);
+    }
     std::unique_lock<std::mutex> g(mu_);
     auto it = pending_.find(id);
     if (it == pending_.end()) return future;  // already failed by onClosed
@@ -176,14 +220,63 @@ FuturePtr Agent::send(int64_t to, Message&& request, double timeoutSeconds, cons
     pending_.erase(it);
     if (pending_.empty()) idleCv_.notify_all();
     g.unlock();
-    if (e.kind() == ErrorKind::kPeerLost) {
+    if (e.kind() == ErrorKind::kPeerLost || e.kind() == ErrorKind::kAuth || e.kind() == ErrorKind::kShutdown) {
       future->setError(std::make_exception_ptr(RpcError(
-          ErrorKind::kPeerLost, "torchrpc: calling '" + what + "' on worker '" + peer.name + "': " + e.what())));
+          e.kind(), "torchrpc: calling '" + what + "' on worker '" + peer.name + "': " + e.what())));
     } else {
       throw;  // the request itself could not be encoded: the caller's mistake
     }
   }
   return future;
+}
+
+namespace {
+// One reliable send: attempts until answered or a non-timeout error.
+struct Retry : std::enable_shared_from_this<Retry> {
+  Agent* agent;
+  int64_t to;
+  Message request;
+  std::string what;
+  FuturePtr result = c10::make_intrusive<c10::ivalue::Future>(c10::AnyType::get());
+
+  void attempt(double timeoutSeconds) {
+    FuturePtr f;
+    try {
+      f = agent->send(to, Message(request), timeoutSeconds, what);
+    } catch (...) {
+      result->setErrorIfNeeded(std::current_exception());
+      return;
+    }
+    f->addCallback([self = shared_from_this(), timeoutSeconds](c10::ivalue::Future& done) {
+      if (!done.hasError()) {
+        self->result->markCompleted(done.value());
+        return;
+      }
+      bool timedOut = false;
+      try {
+        std::rethrow_exception(done.exception_ptr());
+      } catch (const RpcError& e) {
+        timedOut = e.kind() == ErrorKind::kTimeout;
+      } catch (...) {
+      }
+      if (timedOut && self->agent->running()) {
+        self->agent->defer([self, timeoutSeconds] { self->attempt(std::min(timeoutSeconds * 2, 8.0)); });
+      } else {
+        self->result->setErrorIfNeeded(done.exception_ptr());
+      }
+    });
+  }
+};
+}  // namespace
+
+FuturePtr Agent::sendReliably(int64_t to, Message&& request, const std::string& what) {
+  auto retry = std::make_shared<Retry>();
+  retry->agent = this;
+  retry->to = to;
+  retry->request = std::move(request);
+  retry->what = what;
+  retry->attempt(1.0);
+  return retry->result;
 }
 
 FuturePtr Agent::scriptCall(int64_t to, std::string qualifiedName, std::vector<c10::IValue> stack,
@@ -212,26 +305,70 @@ void Agent::onMessage(const std::shared_ptr<Connection>& conn, Message&& message
     }
     return;
   }
+  const int64_t peer = conn->peerId();
   switch (message.type) {
-    case MessageType::kHandshake: {
-      auto hs = Handshake::fromMessage(message);
-      if (hs->protocolVersion() != kProtocolVersion) {
-        throw RpcError(ErrorKind::kDecode, "torchrpc: worker '" + hs->workerName() +
-                                               "' speaks protocol " + std::to_string(hs->protocolVersion()));
-      }
-      conn->setPeerId(hs->workerId());
+    case MessageType::kShutdownNotice: {
+      std::lock_guard<std::mutex> g(connMu_);
+      left_.insert(peer);
       return;
     }
-    case MessageType::kHeartbeat:
-      reply(conn, Heartbeat().toMessage(), message.id);
+    case MessageType::kCancel: {
+      bool neverRan = onCancel(peer, Cancel::fromMessage(message)->value());
+      if (message.id != 0) reply(conn, CancelRet(neverRan).toMessage(), message.id);
       return;
+    }
     default:
+      if (!startServing(peer, message.id)) return;  // a duplicate
       pool_->submit([this, conn, m = std::move(message)]() mutable { serveRequest(conn, std::move(m)); });
   }
 }
 
+bool Agent::startServing(int64_t peer, int64_t id) {
+  std::lock_guard<std::mutex> g(servingMu_);
+  PeerMessage key{peer, id};
+  if (recent_.count(key)) return false;
+  return serving_.emplace(key, Serving::kQueued).second;
+}
+
+bool Agent::finishServing(int64_t peer, int64_t id) {
+  std::lock_guard<std::mutex> g(servingMu_);
+  PeerMessage key{peer, id};
+  auto it = serving_.find(key);
+  bool cancelled = it != serving_.end() && it->second == Serving::kCancelled;
+  if (it != serving_.end()) serving_.erase(it);
+  if (recent_.insert(key).second) {
+    recentOrder_.push_back(key);
+    if (recentOrder_.size() > kRecentRequests) {
+      recent_.erase(recentOrder_.front());
+      recentOrder_.pop_front();
+    }
+  }
+  return cancelled;
+}
+
+bool Agent::onCancel(int64_t peer, int64_t id) {
+  std::lock_guard<std::mutex> g(servingMu_);
+  auto it = serving_.find(PeerMessage{peer, id});
+  if (it == serving_.end()) return false;  // finished (or answered) already
+  bool neverRan = it->second == Serving::kQueued;
+  it->second = Serving::kCancelled;
+  return neverRan;
+}
+
 void Agent::serveRequest(const std::shared_ptr<Connection>& conn, Message&& request) {
   const int64_t id = request.id;
+  const int64_t peer = conn->peerId();
+  {
+    std::lock_guard<std::mutex> g(servingMu_);
+    auto it = serving_.find(PeerMessage{peer, id});
+    if (it != serving_.end()) {
+      if (it->second == Serving::kCancelled) {
+        serving_.erase(it);  // the caller gave up before it started: never run
+        return;
+      }
+      it->second = Serving::kRunning;
+    }
+  }
   std::optional<AutogradHeader> autograd;
   std::optional<Message> response;
   try {
@@ -244,7 +381,8 @@ void Agent::serveRequest(const std::shared_ptr<Connection>& conn, Message&& requ
   }
   // The response goes back wrapped when the request came wrapped; may be
   // called later, from another thread (async replies).
-  Responder respond = [this, conn, id, autograd](Message&& response) {
+  Responder respond = [this, conn, id, peer, autograd](Message&& response) {
+    if (finishServing(peer, id)) return;  // cancelled while running: the caller wants no answer
     if (autograd) {
       try {
         response = autograd_->wrapResponse(*autograd, std::move(response));
@@ -490,6 +628,9 @@ void Agent::completeResponse(Message&& response) {
       case MessageType::kSchemaRet:
         p.future->markCompleted(c10::IValue(SchemaRet::fromMessage(response)->value()));
         return;
+      case MessageType::kCancelRet:
+        p.future->markCompleted(c10::IValue(CancelRet::fromMessage(response)->neverRan()));
+        return;
       case MessageType::kScriptRRefFetchRet:
         p.future->markCompleted(std::move(ScriptRRefFetchRet::fromMessage(response)->value()));
         return;
@@ -548,19 +689,102 @@ void Agent::failPending(const std::function<bool(const Pending&)>& which, ErrorK
   }
 }
 
-void Agent::onClosed(const std::shared_ptr<Connection>& conn, const std::string& why) {
+void Agent::onClosed(const std::shared_ptr<Connection>& conn, CloseReason reason, const std::string& why) {
   const int64_t peer = conn->peerId();
+  bool outgoing = false;
+  bool lost = false;
   {
     std::lock_guard<std::mutex> g(connMu_);
     auto it = outgoing_.find(peer);
-    if (it == outgoing_.end() || it->second != conn) return;  // an incoming connection
-    outgoing_.erase(it);
+    if (it != outgoing_.end() && it->second == conn) {
+      outgoing_.erase(it);
+      outgoing = true;
+    }
+    // A peer that hung up without saying it shuts down, went silent, or
+    // broke its stream is lost, whichever of its connections told us.
+    lost = reason != CloseReason::kLocal && !left_.count(peer) && !stopped_.load();
+    if (lost) lost_[peer] = why;
   }
+  if (!outgoing && !lost) return;
+  const std::string name = peer >= 0 && peer < static_cast<int64_t>(workers_.size()) ? workers_[peer].name : "?";
   if (stopped_.load()) {
     failPending([peer](const Pending& p) { return p.peer == peer; }, ErrorKind::kShutdown, "RPC was shut down");
   } else {
     failPending([peer](const Pending& p) { return p.peer == peer; }, ErrorKind::kPeerLost,
-                "lost the connection to the worker (" + why + ")");
+                "lost worker '" + name + "' (" + why + ")");
+  }
+}
+
+void Agent::sendCancel(int64_t peer, int64_t id) {
+  std::shared_ptr<Connection> conn;
+  {
+    std::lock_guard<std::mutex> g(connMu_);
+    auto it = outgoing_.find(peer);
+    if (it == outgoing_.end()) return;
+    conn = it->second;
+  }
+  Message m = Cancel(id).toMessage();
+  m.id = 0;  // no answer wanted
+  try {
+    conn->send(m);
+  } catch (const RpcError&) {
+  }
+}
+
+bool Agent::cancel(const FuturePtr& future) {
+  Pending p;
+  int64_t id = -1;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    auto alias = aliases_.find(future.get());
+    const FuturePtr& target = alias != aliases_.end() ? alias->second : future;
+    for (auto it = pending_.begin(); it != pending_.end(); ++it) {
+      if (it->second.future != target) continue;
+      id = it->first;
+      p = std::move(it->second);
+      if (p.timeoutSeconds > 0) deadlines_.erase(p.deadline);
+      pending_.erase(it);
+      if (pending_.empty()) idleCv_.notify_all();
+      break;
+    }
+  }
+  if (id < 0) return false;  // answered, failed or timed out already
+  p.future->setErrorIfNeeded(std::make_exception_ptr(
+      RpcError(ErrorKind::kCancelled, "torchrpc: call to " + describe(p) + " was cancelled")));
+  try {
+    FuturePtr answer = send(p.peer, Cancel(id).toMessage(), options_.transport.peerTimeout + 1.0, "cancel");
+    answer->wait();
+    return !answer->hasError() && answer->value().toBool();
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
+std::map<int64_t, std::string> Agent::lostPeers() {
+  std::lock_guard<std::mutex> g(connMu_);
+  return lost_;
+}
+
+std::vector<int64_t> Agent::leftPeers() {
+  std::lock_guard<std::mutex> g(connMu_);
+  return {left_.begin(), left_.end()};
+}
+
+void Agent::probePeers() {
+  for (const WorkerInfo& w : workers_) {
+    if (w.id == self_.id) continue;
+    {
+      std::lock_guard<std::mutex> g(connMu_);
+      if (outgoing_.count(w.id) || connecting_.count(w.id) || left_.count(w.id)) continue;
+    }
+    const int64_t id = w.id;
+    callbacks_->submit([this, id] {
+      try {
+        connectionTo(id);
+      } catch (const std::exception&) {
+        // connectionTo recorded why the peer is unreachable.
+      }
+    });
   }
 }
 
@@ -577,7 +801,8 @@ void Agent::timeoutLoop() {
       timerCv_.wait_until(g, first->first);
       continue;
     }
-    auto it = pending_.find(first->second);
+    const int64_t first_id = first->second;
+    auto it = pending_.find(first_id);
     deadlines_.erase(first);
     if (it == pending_.end()) continue;
     Pending p = std::move(it->second);
@@ -587,6 +812,7 @@ void Agent::timeoutLoop() {
     p.future->setErrorIfNeeded(std::make_exception_ptr(
         RpcError(ErrorKind::kTimeout, "torchrpc: call to " + describe(p) + " timed out after " +
                                           c10::str(p.timeoutSeconds) + " s")));
+    sendCancel(p.peer, first_id);  // the callee drops it if it has not started
     g.lock();
   }
 }
@@ -606,6 +832,9 @@ bool Agent::waitUntilIdle(double timeoutSeconds) {
 
 void Agent::shutdown() {
   if (stopped_.exchange(true)) return;
+  // Peers learn we left on purpose, so they do not count us as lost.
+  Message notice = ShutdownNotice(self_.id).toMessage();
+  transport_->broadcast(notice);
   {
     std::lock_guard<std::mutex> g(mu_);
     timerCv_.notify_all();

@@ -13,7 +13,9 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <deque>
 #include <map>
+#include <unordered_set>
 #include <optional>
 #include <memory>
 #include <mutex>
@@ -46,8 +48,11 @@ struct AgentOptions {
   int64_t numWorkerThreads = 16;
   double rpcTimeoutSeconds = 60.0;  // default for calls that pass none
   bool pythonUdf = false;           // run PYTHON_CALLs from peers
-  std::string listenHost = "0.0.0.0";
-  std::string advertisedHost = "127.0.0.1";
+  // Where to listen, the job's credentials, handshake, liveness and size
+  // limits (selfName and credentials.selfId are filled in by the agent).
+  TransportOptions transport;
+  // Fault injection for tests, e.g. "RREF_USER_DELETE:drop:0.2" (faulty_transport.h).
+  std::string faults;
 };
 
 // What only Python can do, installed by the Python bindings (each takes the
@@ -92,6 +97,11 @@ class Agent {
   // timeoutSeconds < 0 takes the default, 0 waits forever. `what` names the
   // call in errors (a function's name).
   FuturePtr send(int64_t to, Message&& request, double timeoutSeconds, const std::string& what);
+  // send() for control messages that must arrive (RRef protocol, autograd
+  // cleanup): resent with a new id after each timeout (1 s, doubling to
+  // 8 s) until answered, the peer is lost or the agent stops. The receiver
+  // must treat repeats as no-ops.
+  FuturePtr sendReliably(int64_t to, Message&& request, const std::string& what);
   FuturePtr scriptCall(int64_t to, std::string qualifiedName, std::vector<c10::IValue> stack,
                        double timeoutSeconds);
 
@@ -108,6 +118,29 @@ class Agent {
   void defer(std::function<void()> task) {
     if (!callbacks_->submit(task)) task();
   }
+
+  // Gives up a pending call: fails its future with RpcError(kCancelled) and
+  // asks the callee to drop it. True if the callee says it never ran; false
+  // if it ran, already answered, or the callee could not be asked.
+  bool cancel(const FuturePtr& future);
+  // A future handed out in place of a request's own (completed from it):
+  // cancel() accepts it too.
+  void alias(const FuturePtr& visible, const FuturePtr& request) {
+    std::lock_guard<std::mutex> g(mu_);
+    aliases_[visible.get()] = request;
+  }
+  void unalias(const FuturePtr& visible) {
+    std::lock_guard<std::mutex> g(mu_);
+    aliases_.erase(visible.get());
+  }
+
+  // Peers declared lost (their connection broke or went silent without a
+  // SHUTDOWN_NOTICE), with why; and peers that said they shut down.
+  std::map<int64_t, std::string> lostPeers();
+  std::vector<int64_t> leftPeers();
+  // Dials every peer we have no connection to, in the background, so a peer
+  // that died before ever talking to us is noticed (refused, or silent).
+  void probePeers();
 
   // Requests of ours still waiting for a response.
   size_t pendingCount();
@@ -128,7 +161,12 @@ class Agent {
   };
 
   void onMessage(const std::shared_ptr<Connection>& conn, Message&& message);
-  void onClosed(const std::shared_ptr<Connection>& conn, const std::string& why);
+  void onClosed(const std::shared_ptr<Connection>& conn, CloseReason reason, const std::string& why);
+  void markLost(int64_t peer, const std::string& why);
+  // CANCEL from a peer: drop or disown request `id`; true if it never ran.
+  bool onCancel(int64_t peer, int64_t id);
+  // Sends CANCEL for our request `id` if a connection to `peer` is open.
+  void sendCancel(int64_t peer, int64_t id);
   void completeResponse(Message&& response);
   void serveRequest(const std::shared_ptr<Connection>& conn, Message&& request);
   // The response, or nullopt when `respond` will be called later.
@@ -155,14 +193,39 @@ class Agent {
   std::atomic<bool> stopped_{false};
   std::atomic<int64_t> nextMessageId_{1};
 
-  std::mutex connMu_;
+  std::mutex connMu_;  // guards outgoing_, connecting_, lost_, left_
+  std::condition_variable connCv_;
   std::unordered_map<int64_t, std::shared_ptr<Connection>> outgoing_;
+  std::unordered_set<int64_t> connecting_;  // dials in progress
+  std::map<int64_t, std::string> lost_;
+  std::unordered_set<int64_t> left_;
+
+  // Requests from peers being served, by (peer, message id): CANCEL finds
+  // them here, and a duplicate of one is ignored. Recently finished ones are
+  // remembered a while, so a late duplicate is ignored too.
+  enum class Serving : uint8_t { kQueued, kRunning, kCancelled };
+  struct PeerMessage {
+    int64_t peer, id;
+    bool operator==(const PeerMessage& o) const { return peer == o.peer && id == o.id; }
+  };
+  struct PeerMessageHash {
+    size_t operator()(const PeerMessage& k) const { return std::hash<int64_t>()(k.id * 131 + k.peer); }
+  };
+  // False if this request is a duplicate of one seen recently.
+  bool startServing(int64_t peer, int64_t id);
+  // True if the request was cancelled meanwhile (its reply is dropped).
+  bool finishServing(int64_t peer, int64_t id);
+  std::mutex servingMu_;
+  std::unordered_map<PeerMessage, Serving, PeerMessageHash> serving_;
+  std::unordered_set<PeerMessage, PeerMessageHash> recent_;
+  std::deque<PeerMessage> recentOrder_;
 
   std::mutex mu_;  // guards pending_ and deadlines_
   std::condition_variable idleCv_;
   std::condition_variable timerCv_;
   std::unordered_map<int64_t, Pending> pending_;
   std::multimap<std::chrono::steady_clock::time_point, int64_t> deadlines_;
+  std::unordered_map<const c10::ivalue::Future*, FuturePtr> aliases_;
 
   std::unique_ptr<ThreadPool> pool_;
   std::unique_ptr<ThreadPool> callbacks_;

@@ -1,44 +1,79 @@
 #pragma once
 
-// TCP transport: one listening socket, one reader thread per connection,
-// TCP_NODELAY, and writes straight from tensor memory with sendmsg().
+// TCP transport: one event-loop thread (epoll) serves the listening socket,
+// every handshake and every connection, so a thousand idle sockets cost
+// descriptors, not threads. Senders write from their own thread straight
+// from tensor memory (sendmsg); what the kernel does not take at once is
+// queued and finished by the loop, so no thread ever blocks on a slow peer.
+// The loop also runs the liveness protocol: idle connections send HEARTBEAT
+// and a connection silent for peer_timeout is closed.
 
 #include <atomic>
+#include <chrono>
+#include <deque>
+#include <vector>
+#include <memory>
 #include <mutex>
 #include <thread>
-#include <vector>
+#include <unordered_map>
 
 #include "agent/transport.h"
-#include "wire/frame.h"
 
 namespace torchrpc {
 
 class TcpTransport : public Transport {
  public:
-  // Listens on `host` (an IPv4 address; "0.0.0.0" for all) at an ephemeral
-  // port; `advertisedHost` is the address peers are told to dial.
-  TcpTransport(const std::string& host, const std::string& advertisedHost,
-               TransportCallbacks callbacks, FrameLimits limits = {});
+  TcpTransport(TransportOptions options, TransportCallbacks callbacks);
   ~TcpTransport() override;
 
   std::string address() const override { return address_; }
-  std::shared_ptr<Connection> connect(const std::string& address) override;
+  std::shared_ptr<Connection> connect(const std::string& address, int64_t peerId,
+                                      const std::string& peerName) override;
+  void broadcast(const Message& message) override;
   void shutdown() override;
 
- private:
   class TcpConnection;
-  void acceptLoop();
-  std::shared_ptr<TcpConnection> adopt(int fd);
 
+ private:
+  void loop();
+  void onListenReady();
+  void onReadable(const std::shared_ptr<TcpConnection>& conn);
+  void onHandshakeBytes(const std::shared_ptr<TcpConnection>& conn);
+  void onFrameBytes(const std::shared_ptr<TcpConnection>& conn);
+  void tick();
+  void add(const std::shared_ptr<TcpConnection>& conn, bool reading);
+  // Ends a connection: deregisters it, reports it if authenticated.
+  void finish(const std::shared_ptr<TcpConnection>& conn, CloseReason reason, const std::string& why);
+  // Feeds n bytes written at the decoder's want() to it; delivers a whole
+  // frame. False when the connection ended or waits for in-flight budget.
+  bool advance(const std::shared_ptr<TcpConnection>& conn, size_t n);
+  bool reserve(TcpConnection& conn);
+  void release(TcpConnection& conn);
+  void warnRejected(const TcpConnection& conn, const std::string& why);
+
+  TransportOptions options_;
   TransportCallbacks callbacks_;
-  FrameLimits limits_;
   int listenFd_ = -1;
+  int epollFd_ = -1;
+  int wakeFd_ = -1;
   std::string address_;
-  std::thread acceptThread_;
-  std::mutex mu_;
-  std::vector<std::shared_ptr<TcpConnection>> connections_;
-  std::vector<std::thread> readers_;
   std::atomic<bool> stopped_{false};
+  std::thread loop_;
+
+  std::mutex mu_;  // guards conns_
+  std::unordered_map<TcpConnection*, std::shared_ptr<TcpConnection>> conns_;
+  // Loop-thread state.
+  size_t pendingHandshakes_ = 0;
+  std::deque<std::weak_ptr<TcpConnection>> pending_;  // mid-handshake, oldest first
+  std::deque<std::weak_ptr<TcpConnection>> waiting_;  // frames waiting for in-flight budget
+  std::vector<std::shared_ptr<TcpConnection>> graveyard_;  // finished this loop turn
+  uint64_t inflight_ = 0;
+  std::chrono::steady_clock::time_point acceptPausedUntil_{};
+  bool acceptPaused_ = false;
+  bool warnedFdExhaustion_ = false;
+  std::chrono::steady_clock::time_point lastTick_{};
+  std::chrono::steady_clock::time_point lastAuthWarning_{};
+  size_t suppressedAuthWarnings_ = 0;
 };
 
 }  // namespace torchrpc

@@ -1,41 +1,66 @@
 #pragma once
 
-// What the agent needs from a network: connections that carry whole
-// Messages. The agent's RPC logic never touches sockets, so another
+// What the agent needs from a network: authenticated connections that carry
+// whole Messages. The agent's RPC logic never touches sockets, so another
 // transport (same-host shared memory, say) is another implementation of
-// these two classes.
+// these classes.
 
 #include <functional>
 #include <memory>
 #include <string>
 
+#include "agent/handshake.h"
 #include "messages/message.h"
+#include "wire/frame.h"
 
 namespace torchrpc {
 
 class Connection {
  public:
   virtual ~Connection() = default;
-  // Thread-safe; frames from concurrent senders never interleave. Tensor
-  // bytes are written from the tensors' own memory. Throws RpcError(kPeerLost)
-  // if the connection is closed.
+  // Thread-safe and never blocks on the peer: what the socket does not take
+  // at once is queued and written by the transport. Frames from concurrent
+  // senders never interleave. Throws RpcError(kPeerLost) if the connection
+  // is closed.
   virtual void send(const Message& message) = 0;
-  // Closes both directions; the reader then reports onClosed once.
+  // Closes both directions; the transport then reports onClosed once.
   virtual void close() = 0;
-  // The worker id at the other end (-1 until its handshake arrives).
+  // The worker id the handshake authenticated.
   int64_t peerId() const { return peerId_; }
-  void setPeerId(int64_t id) { peerId_ = id; }
 
- private:
+ protected:
   int64_t peerId_ = -1;
 };
 
+// Why a connection ended.
+enum class CloseReason {
+  kLocal,       // this side closed it (shutdown, or the agent asked)
+  kPeerClosed,  // the peer hung up (or its process died)
+  kSilent,      // nothing arrived for peer_timeout: the peer froze or the network broke
+  kBroken,      // an I/O error, or the peer sent a malformed frame
+};
+
 struct TransportCallbacks {
-  // Each incoming message, on the connection's reader thread, in order.
+  // Each incoming message of an authenticated connection, in order, on a
+  // transport thread (which must not block for long: it serves every
+  // connection).
   std::function<void(const std::shared_ptr<Connection>&, Message&&)> onMessage;
-  // The connection ended (peer closed, died, or sent a corrupt frame); called
-  // once, on the reader thread, after which no more messages arrive.
-  std::function<void(const std::shared_ptr<Connection>&, const std::string& why)> onClosed;
+  // An authenticated connection ended; called once, after which no more
+  // messages arrive on it.
+  std::function<void(const std::shared_ptr<Connection>&, CloseReason, const std::string& why)> onClosed;
+};
+
+struct TransportOptions {
+  std::string listenHost = "127.0.0.1";     // an IPv4 address; "0.0.0.0" for all
+  std::string advertisedHost = "127.0.0.1"; // what peers are told to dial
+  std::string selfName;  // for log lines
+  Credentials credentials;
+  double handshakeTimeout = 5.0;
+  size_t maxPendingHandshakes = 64;
+  double heartbeatInterval = 0.5;  // idle connections send HEARTBEAT this often
+  double peerTimeout = 2.0;        // a connection silent this long is closed (kSilent)
+  FrameLimits limits;
+  uint64_t maxInflightBytes = 8ull << 30;  // all frames being received at once
 };
 
 class Transport {
@@ -43,8 +68,13 @@ class Transport {
   virtual ~Transport() = default;
   // Where peers reach this transport, e.g. "127.0.0.1:40123".
   virtual std::string address() const = 0;
-  // Dials a peer's address. Throws RpcError(kPeerLost) on failure.
-  virtual std::shared_ptr<Connection> connect(const std::string& address) = 0;
+  // Dials worker `peerId` at `address` and runs the handshake. Throws
+  // RpcError(kPeerLost) on failure, RpcError(kAuth) if the peer cannot prove
+  // it holds the secret.
+  virtual std::shared_ptr<Connection> connect(const std::string& address, int64_t peerId,
+                                              const std::string& peerName) = 0;
+  // Sends `message` on every authenticated connection, ignoring failures.
+  virtual void broadcast(const Message& message) = 0;
   // Stops listening, closes every connection and joins every thread; no
   // callback runs after it returns. Idempotent.
   virtual void shutdown() = 0;

@@ -34,7 +34,8 @@ class RemoteException : public RpcCommand {
   std::string traceback_;
 };
 
-// HANDSHAKE: the first message on a connection names the dialing worker.
+// HANDSHAKE: unused since protocol 2 (see message_type.h); kept so old
+// frames still decode.
 class Handshake : public RpcCommand {
  public:
   Handshake(std::string workerName, int64_t workerId, int64_t protocolVersion)
@@ -59,8 +60,26 @@ class Handshake : public RpcCommand {
   int64_t protocolVersion_;
 };
 
-// HEARTBEAT: liveness probe.
+// HEARTBEAT: liveness; the transport sends and consumes it.
 using Heartbeat = EmptyCommand<MessageType::kHeartbeat>;
+
+// CANCEL_RET: whether the cancelled request never ran.
+class CancelRet : public RpcCommand {
+ public:
+  explicit CancelRet(bool neverRan) : neverRan_(neverRan) {}
+  MessageType type() const override { return MessageType::kCancelRet; }
+  std::vector<c10::IValue> fields() && override { return {c10::IValue(neverRan_)}; }
+  static std::unique_ptr<CancelRet> fromMessage(const Message& m) {
+    return fromFields(decodeFields(m, MessageType::kCancelRet));
+  }
+  static std::unique_ptr<CancelRet> fromFields(std::vector<c10::IValue>&& f) {
+    return std::make_unique<CancelRet>(f[0].toBool());
+  }
+  bool neverRan() const { return neverRan_; }
+
+ private:
+  bool neverRan_;
+};
 // CANCEL: the caller gave up on request `value()`.
 using Cancel = IntCommand<MessageType::kCancel>;
 // SHUTDOWN_NOTICE: worker `value()` will send no more requests.

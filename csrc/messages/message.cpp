@@ -113,6 +113,7 @@ std::vector<MessageSpec> buildSpecs() {
       {T::kSchemaQuery, "SchemaQuery", {{"qualified_name", str}}},
       {T::kSchemaRet, "SchemaRet", {{"schema", str}}},
       {T::kShutdownNotice, "ShutdownNotice", {{"worker_id", integer}}},
+      {T::kCancelRet, "CancelRet", {{"never_ran", boolean}}},
   };
   TORCH_INTERNAL_ASSERT(s.size() == kMaxMessageType, "a MessageType has no spec");
   for (size_t i = 0; i < s.size(); ++i) {
@@ -141,8 +142,8 @@ const std::string& messageTypeName(MessageType type) {
       "BACKWARD_AUTOGRAD_REQ", "BACKWARD_AUTOGRAD_RESP", "CLEANUP_AUTOGRAD_CONTEXT_REQ",
       "CLEANUP_AUTOGRAD_CONTEXT_RESP", "RUN_WITH_PROFILING_REQ", "RUN_WITH_PROFILING_RESP",
       "RREF_BACKWARD_REQ", "RREF_BACKWARD_RESP", "EXCEPTION", "HANDSHAKE", "HEARTBEAT", "CANCEL",
-      "SCHEMA_QUERY", "SCHEMA_RET", "SHUTDOWN_NOTICE"};
-  static_assert(kMaxMessageType == 32, "name the new message type above");
+      "SCHEMA_QUERY", "SCHEMA_RET", "SHUTDOWN_NOTICE", "CANCEL_RET"};
+  static_assert(kMaxMessageType == 33, "name the new message type above");
   return names.at(static_cast<size_t>(type) - 1);
 }
 
@@ -161,6 +162,7 @@ bool isResponse(MessageType type) {
     case MessageType::kRRefBackwardResp:
     case MessageType::kException:
     case MessageType::kSchemaRet:
+    case MessageType::kCancelRet:
       return true;
     default:
       return false;
@@ -241,6 +243,7 @@ std::unique_ptr<RpcCommand> commandFromFields(MessageType type, std::vector<c10:
     case T::kSchemaQuery: return SchemaQuery::fromFields(std::move(f));
     case T::kSchemaRet: return SchemaRet::fromFields(std::move(f));
     case T::kShutdownNotice: return ShutdownNotice::fromFields(std::move(f));
+    case T::kCancelRet: return CancelRet::fromFields(std::move(f));
   }
   throwDecode("unknown message type " + std::to_string(static_cast<int>(type)));
 }

@@ -59,11 +59,14 @@ enum class MessageType : uint16_t {
   kRRefBackwardResp = 25,
   // A request failed; carries the error's class, message and traceback.
   kException = 26,
-  // First message on a connection: who is calling, with which protocol.
+  // Unused since protocol 2: connections now begin with the authenticated
+  // handshake of agent/handshake.h, before any frame. Kept for its number.
   kHandshake = 27,
-  // Liveness probe; answered with another heartbeat.
+  // Liveness: sent on a connection idle for heartbeat_interval; never answered.
   kHeartbeat = 28,
-  // The caller gave up on a request (timeout); the callee may drop it.
+  // The caller gave up on request `message_id` (timeout or torchrpc.cancel);
+  // the callee drops it if not started, discards its result if it has. Sent
+  // with id 0 when no answer is wanted, else answered with CANCEL_RET.
   kCancel = 29,
   // Ask a worker for the schema of a function registered under a name.
   kSchemaQuery = 30,
@@ -71,10 +74,12 @@ enum class MessageType : uint16_t {
   kSchemaRet = 31,
   // Graceful shutdown: a worker tells a peer it will send no more requests.
   kShutdownNotice = 32,
+  // The answer to CANCEL: whether the request had not started (never ran).
+  kCancelRet = 33,
 };
 
 // The highest MessageType value; every value from 1 to it is defined.
-constexpr uint16_t kMaxMessageType = 32;
+constexpr uint16_t kMaxMessageType = 33;
 
 inline bool isKnownMessageType(uint16_t t) { return t >= 1 && t <= kMaxMessageType; }
 

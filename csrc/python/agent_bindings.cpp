@@ -31,7 +31,9 @@ py::object finish(Agent& agent, const FuturePtr& fut, bool sync) {
   if (!sync) {
     // Completed on the agent's callback threads (see Agent::defer).
     auto out = c10::make_intrusive<c10::ivalue::Future>(fut->elementType());
+    agent.alias(out, fut);  // torchrpc.cancel(out) finds the request
     fut->addCallback([&agent, out](c10::ivalue::Future& done) {
+      agent.unalias(out);
       agent.defer([out, done = c10::intrusive_ptr<c10::ivalue::Future>::reclaim_copy(&done)] {
         if (done->hasError()) {
           out->setError(done->exception_ptr());
@@ -274,20 +276,30 @@ void initAutogradBindings(py::module_& m);
 
 void initAgentBindings(py::module_& m) {
   py::class_<Agent, std::shared_ptr<Agent>>(m, "Agent", "One worker's RPC agent (see torchrpc.api).")
-      .def(py::init([](const std::string& name, int64_t id, int64_t numWorkerThreads, double rpcTimeout,
-                       bool pythonUdf, const std::string& listenHost, const std::string& advertisedHost) {
+      .def(py::init([](const std::string& name, int64_t id, const py::dict& options) {
              AgentOptions o;
-             o.numWorkerThreads = numWorkerThreads;
-             o.rpcTimeoutSeconds = rpcTimeout;
-             o.pythonUdf = pythonUdf;
-             o.listenHost = listenHost;
-             o.advertisedHost = advertisedHost;
-             auto agent = std::make_shared<Agent>(WorkerInfo{name, id, "", pythonUdf}, o);
+             TransportOptions& t = o.transport;
+             // Every key is required: torchrpc.api builds this dict from RpcOptions.
+             auto get = [&](const char* key) { return options[key]; };
+             o.numWorkerThreads = get("num_worker_threads").cast<int64_t>();
+             o.rpcTimeoutSeconds = get("rpc_timeout").cast<double>();
+             o.pythonUdf = get("python_udf").cast<bool>();
+             o.faults = get("faults").cast<std::string>();
+             t.listenHost = get("listen_host").cast<std::string>();
+             t.advertisedHost = get("advertised_host").cast<std::string>();
+             t.credentials.secret = get("secret").cast<std::string>();
+             t.credentials.jobId = get("job_id").cast<std::string>();
+             t.handshakeTimeout = get("handshake_timeout").cast<double>();
+             t.maxPendingHandshakes = get("max_pending_handshakes").cast<size_t>();
+             t.heartbeatInterval = get("heartbeat_interval").cast<double>();
+             t.peerTimeout = get("peer_timeout").cast<double>();
+             t.limits.maxFrameBytes = get("max_frame_bytes").cast<uint64_t>();
+             t.maxInflightBytes = get("max_inflight_bytes").cast<uint64_t>();
+             auto agent = std::make_shared<Agent>(WorkerInfo{name, id, "", o.pythonUdf}, o);
              installPythonResolver(*agent);
              return agent;
            }),
-           py::arg("name"), py::arg("id"), py::arg("num_worker_threads"), py::arg("rpc_timeout"),
-           py::arg("python_udf"), py::arg("listen_host"), py::arg("advertised_host"))
+           py::arg("name"), py::arg("id"), py::arg("options"))
       .def_property_readonly("address", &Agent::address)
       .def("set_workers",
            [](Agent& a, const std::vector<std::tuple<std::string, std::string, bool>>& ws) {
@@ -374,6 +386,13 @@ void initAgentBindings(py::module_& m) {
         out["autograd_contexts"] = agent.autograd().contexts().size();
         return out;
       })
+      .def("cancel", [](Agent& agent, const std::shared_ptr<PythonFutureWrapper>& fut) {
+             py::gil_scoped_release release;
+             return agent.cancel(fut->fut);
+           })
+      .def("lost_peers", &Agent::lostPeers)
+      .def("left_peers", &Agent::leftPeers)
+      .def("probe_peers", &Agent::probePeers, py::call_guard<py::gil_scoped_release>())
       .def("pending_count", &Agent::pendingCount)
       .def("wait_until_idle", &Agent::waitUntilIdle, py::call_guard<py::gil_scoped_release>())
       .def("shutdown", &Agent::shutdown, py::call_guard<py::gil_scoped_release>())

@@ -19,6 +19,8 @@ const char* className(ErrorKind kind) {
     case ErrorKind::kArgument: return "ArgumentError";
     case ErrorKind::kNotFound: return "FunctionNotFoundError";
     case ErrorKind::kForbidden: return "PythonCallDisabledError";
+    case ErrorKind::kAuth: return "AuthenticationError";
+    case ErrorKind::kCancelled: return "RpcCancelledError";
     case ErrorKind::kRpc: break;
   }
   return "RpcError";

@@ -290,6 +290,9 @@ RRefPtr RRefContext::ownerForFetch(const RRefId& id) {
 
 void RRefContext::onForkRequest(const RRefId& id, const ForkId& forkId) {
   std::lock_guard<std::mutex> g(mu_);
+  // A retried or duplicated request for a fork already deleted must not
+  // bring its value back.
+  if (deletedForks_.count(forkId)) return;
   ownerAheadOfCreationLocked(id);
   owners_[id].forks.insert(forkId);
 }
@@ -297,6 +300,13 @@ void RRefContext::onForkRequest(const RRefId& id, const ForkId& forkId) {
 void RRefContext::onUserDelete(const RRefId& id, const ForkId& forkId) {
   RRefPtr drop;
   std::lock_guard<std::mutex> g(mu_);
+  if (deletedForks_.insert(forkId).second) {
+    deletedOrder_.push_back(forkId);
+    if (deletedOrder_.size() > kRememberedDeletes) {
+      deletedForks_.erase(deletedOrder_.front());
+      deletedOrder_.pop_front();
+    }
+  }
   auto it = owners_.find(id);
   if (it == owners_.end()) return;
   it->second.forks.erase(forkId);
@@ -319,7 +329,8 @@ void RRefContext::onChildAccept(const ForkId& forkId) {
 void RRefContext::sendControl(int64_t to, Message&& message, const std::string& what,
                               std::function<void()> onAck, std::function<void()> onFail) {
   try {
-    auto fut = agent_.send(to, std::move(message), 0, what);
+    // Retried until acknowledged: every RRef control message is idempotent.
+    auto fut = agent_.sendReliably(to, std::move(message), what);
     if (onAck || onFail) {
       fut->addCallback([onAck = std::move(onAck), onFail](c10::ivalue::Future& f) {
         if (!f.hasError()) {

@@ -20,6 +20,7 @@
 // fork that lands on the owner just tells the parent. Drops: RREF_USER_DELETE.
 
 #include <functional>
+#include <deque>
 #include <mutex>
 #include <unordered_map>
 #include <unordered_set>
@@ -135,6 +136,11 @@ class RRefContext : public std::enable_shared_from_this<RRefContext> {
   std::atomic<int64_t> liveUsers_{0};
   std::unordered_map<RRefId, OwnerEntry, GloballyUniqueIdHash> owners_;
   std::unordered_map<ForkId, RRefPtr, GloballyUniqueIdHash> children_;
+  // Forks whose USER_DELETE arrived, remembered so that a late duplicate of
+  // their FORK_REQUEST is ignored (bounded; oldest forgotten first).
+  static constexpr size_t kRememberedDeletes = 1 << 16;
+  std::unordered_set<ForkId, GloballyUniqueIdHash> deletedForks_;
+  std::deque<ForkId> deletedOrder_;
   struct Unconfirmed {
     RRefId id;
     int64_t ownerId = -1;

@@ -1,5 +1,7 @@
 #include "wire/frame.h"
 
+#include "wire/frame_layout.h"
+
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/Storage.h>
 #include <ATen/ops/empty.h>
@@ -13,7 +15,6 @@
 #include "wire/byte_io.h"
 
 namespace torchrpc {
-namespace {
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the wire format is little-endian");
 
@@ -34,18 +35,7 @@ uint32_t crc32c(uint32_t crc, const char* data, size_t n) {
   return ~crc;
 }
 
-struct Header {
-  uint16_t type;
-  int64_t id;
-  uint32_t payloadBytes;
-  uint32_t descriptorBytes;
-  uint32_t storageCount;
-  uint32_t tensorCount;
-  uint64_t storageBytes;
-  uint32_t checksum;
-};
-
-constexpr size_t kChecksumOffset = 40;
+namespace {
 
 void writeHeader(const Header& h, char* out) {
   std::string s;
@@ -64,6 +54,8 @@ void writeHeader(const Header& h, char* out) {
   w.u32(0);  // reserved
   std::memcpy(out, s.data(), kFrameHeaderBytes);
 }
+
+}  // namespace
 
 Header parseHeader(const char* bytes, const FrameLimits& limits) {
   Reader r(bytes, kFrameHeaderBytes);
@@ -95,6 +87,11 @@ Header parseHeader(const char* bytes, const FrameLimits& limits) {
     throwDecode("tensor data of " + std::to_string(h.storageBytes) +
                 " bytes exceeds the limit of " + std::to_string(limits.maxStorageBytes));
   }
+  uint64_t total = kFrameHeaderBytes + uint64_t{h.payloadBytes} + h.descriptorBytes + h.storageBytes;
+  if (total > limits.maxFrameBytes) {
+    throwDecode("frame of " + std::to_string(total) + " bytes exceeds max_frame_bytes (" +
+                std::to_string(limits.maxFrameBytes) + ")");
+  }
   return h;
 }
 
@@ -110,6 +107,8 @@ bool sendableDtype(c10::ScalarType t) {
   }
 }
 
+namespace {
+
 // Byte extent [start, end) a strided view touches in its storage.
 std::pair<uint64_t, uint64_t> viewExtent(const at::Tensor& t) {
   uint64_t item = t.element_size();
@@ -119,6 +118,8 @@ std::pair<uint64_t, uint64_t> viewExtent(const at::Tensor& t) {
   for (int64_t d = 0; d < t.dim(); ++d) last += static_cast<uint64_t>(t.size(d) - 1) * t.stride(d);
   return {start, start + (last + 1) * item};
 }
+
+}  // namespace
 
 // Storage for received tensor bytes. Large buffers are 2 MiB-aligned and
 // marked for transparent huge pages: the socket copy then touches a few
@@ -136,10 +137,10 @@ c10::Storage allocateStorage(uint64_t nbytes) {
   return c10::Storage(c10::Storage::use_byte_size_t(), nbytes, std::move(data), nullptr, false);
 }
 
+namespace {
 // Descriptors are sent with 16-byte-aligned storage slices, so every element
 // offset within a slice stays a multiple of every dtype's size.
 constexpr uint64_t kSliceAlign = 16;
-
 }  // namespace
 
 EncodedFrame encodeFrame(const Message& m) {
@@ -228,177 +229,6 @@ EncodedFrame encodeFrame(const Message& m) {
   }
   f.totalBytes = kFrameHeaderBytes + m.payload.size() + f.descriptors.size() + storageBytes;
   return f;
-}
-
-namespace {
-Message readFrameUnchecked(ByteSource& src, const FrameLimits& limits);
-}  // namespace
-
-Message readFrame(ByteSource& src, const FrameLimits& limits) {
-  try {
-    return readFrameUnchecked(src, limits);
-  } catch (const RpcError&) {
-    throw;
-  } catch (const std::exception& e) {
-    throwDecode(e.what());
-  }
-}
-
-namespace {
-Message readFrameUnchecked(ByteSource& src, const FrameLimits& limits) {
-  std::array<char, kFrameHeaderBytes> headerBytes;
-  src.readExact(headerBytes.data(), kFrameHeaderBytes);
-  Header h = parseHeader(headerBytes.data(), limits);
-
-  if (static_cast<uint64_t>(h.payloadBytes) + h.descriptorBytes > src.remainingBound()) {
-    throwDecode("frame claims " + std::to_string(h.payloadBytes + uint64_t{h.descriptorBytes}) +
-                " payload bytes but only " + std::to_string(src.remainingBound()) + " remain");
-  }
-  // Each storage takes 8 descriptor bytes and each tensor at least 16.
-  if (uint64_t{h.storageCount} * 8 + uint64_t{h.tensorCount} * 16 > h.descriptorBytes) {
-    throwDecode("descriptor section too small for " + std::to_string(h.tensorCount) + " tensors");
-  }
-  Message m;
-  m.type = static_cast<MessageType>(h.type);
-  m.id = h.id;
-  m.payload.resize(h.payloadBytes);
-  std::string descriptors(h.descriptorBytes, '\0');
-  src.readExact(m.payload.data(), h.payloadBytes);
-  src.readExact(descriptors.data(), h.descriptorBytes);
-
-  std::memset(headerBytes.data() + kChecksumOffset, 0, 4);
-  uint32_t crc = crc32c(0, headerBytes.data(), kFrameHeaderBytes);
-  crc = crc32c(crc, m.payload.data(), m.payload.size());
-  crc = crc32c(crc, descriptors.data(), descriptors.size());
-  if (crc != h.checksum) throwDecode("checksum mismatch (header, payload or descriptors corrupt)");
-
-  Reader d(descriptors.data(), descriptors.size());
-  std::vector<uint64_t> sliceBytes(h.storageCount);
-  uint64_t total = 0;
-  for (auto& n : sliceBytes) {
-    n = d.u64();
-    if (n > h.storageBytes - total) throwDecode("storage sizes exceed the header's total");
-    total += n;
-  }
-  if (total != h.storageBytes) throwDecode("storage sizes do not add up to the header's total");
-  if (total > src.remainingBound()) {
-    throwDecode("frame claims " + std::to_string(total) + " tensor bytes but only " +
-                std::to_string(src.remainingBound()) + " remain");
-  }
-
-  struct View {
-    uint32_t slice;
-    c10::ScalarType dtype;
-    bool requiresGrad;
-    uint64_t offsetBytes;
-    std::vector<int64_t> sizes, strides;
-  };
-  std::vector<View> views(h.tensorCount);
-  for (uint32_t i = 0; i < h.tensorCount; ++i) {
-    View& v = views[i];
-    v.slice = d.u32();
-    uint8_t dtype = d.u8();
-    uint8_t ndim = d.u8();
-    uint8_t flags = d.u8();
-    d.u8();
-    v.offsetBytes = d.u64();
-    if (v.slice >= h.storageCount) throwDecode("tensor " + std::to_string(i) + " names a missing storage");
-    if (dtype >= static_cast<uint8_t>(c10::ScalarType::NumOptions) ||
-        !sendableDtype(static_cast<c10::ScalarType>(dtype))) {
-      throwDecode("tensor " + std::to_string(i) + " has unknown dtype " + std::to_string(dtype));
-    }
-    v.dtype = static_cast<c10::ScalarType>(dtype);
-    if (ndim > limits.maxDims) throwDecode("tensor " + std::to_string(i) + " has " + std::to_string(ndim) + " dims");
-    if (flags > 1) throwDecode("tensor " + std::to_string(i) + " has unknown flags");
-    v.requiresGrad = flags == 1;
-    if (v.requiresGrad && !c10::isFloatingType(v.dtype) && !c10::isComplexType(v.dtype)) {
-      throwDecode("tensor " + std::to_string(i) + " of an integer dtype requires grad");
-    }
-    v.sizes.resize(ndim);
-    v.strides.resize(ndim);
-    for (auto& s : v.sizes) s = d.i64();
-    for (auto& s : v.strides) s = d.i64();
-    // The view must lie inside its slice: checked with overflow-safe math.
-    uint64_t item = c10::elementSize(v.dtype);
-    if (v.offsetBytes % item != 0) throwDecode("tensor " + std::to_string(i) + " is misaligned");
-    bool empty = false;
-    uint64_t last = 0;
-    uint64_t numel = 1;
-    for (uint8_t k = 0; k < ndim; ++k) {
-      if (v.sizes[k] < 0 || v.strides[k] < 0) throwDecode("tensor " + std::to_string(i) + " has a negative size or stride");
-      if (v.sizes[k] == 0) empty = true;
-    }
-    for (uint8_t k = 0; k < ndim && !empty; ++k) {
-      // Bounded so later arithmetic on the tensor (numel * itemsize) cannot overflow.
-      if (__builtin_mul_overflow(numel, static_cast<uint64_t>(v.sizes[k]), &numel) || numel > (1ull << 48)) {
-        throwDecode("tensor " + std::to_string(i) + " has too many elements");
-      }
-    }
-    if (!empty) {
-      for (uint8_t k = 0; k < ndim; ++k) {
-        uint64_t step;
-        if (__builtin_mul_overflow(static_cast<uint64_t>(v.sizes[k] - 1), static_cast<uint64_t>(v.strides[k]), &step) ||
-            __builtin_add_overflow(last, step, &last)) {
-          throwDecode("tensor " + std::to_string(i) + " shape overflows");
-        }
-      }
-      uint64_t extent;
-      if (__builtin_add_overflow(last, 1, &extent) || __builtin_mul_overflow(extent, item, &extent) ||
-          __builtin_add_overflow(extent, v.offsetBytes, &extent) || extent > sliceBytes[v.slice]) {
-        throwDecode("tensor " + std::to_string(i) + " reaches past its storage");
-      }
-    } else if (v.offsetBytes > sliceBytes[v.slice]) {
-      throwDecode("tensor " + std::to_string(i) + " starts past its storage");
-    }
-  }
-  if (d.remaining() != 0) throwDecode("trailing bytes after tensor descriptors");
-
-  // Allocate each storage once at its final size and read its bytes straight in.
-  std::vector<c10::Storage> storages;
-  storages.reserve(h.storageCount);
-  for (uint64_t n : sliceBytes) {
-    c10::Storage s = allocateStorage(n);
-    if (n > 0) src.readExact(static_cast<char*>(s.mutable_data()), n);
-    storages.push_back(std::move(s));
-  }
-  m.tensors.reserve(h.tensorCount);
-  for (const View& v : views) {
-    at::Tensor t = at::empty({0}, at::TensorOptions().dtype(v.dtype));
-    t.set_(storages[v.slice], static_cast<int64_t>(v.offsetBytes / c10::elementSize(v.dtype)), v.sizes, v.strides);
-    if (v.requiresGrad) t.requires_grad_(true);
-    m.tensors.push_back(std::move(t));
-  }
-  return m;
-}
-}  // namespace
-
-namespace {
-class MemorySource : public ByteSource {
- public:
-  MemorySource(const char* data, size_t size) : p_(data), end_(data + size), begin_(data) {}
-  void readExact(char* dst, size_t n) override {
-    if (n > static_cast<size_t>(end_ - p_)) {
-      throwDecode("truncated: needs " + std::to_string(n) + " bytes at offset " +
-                  std::to_string(p_ - begin_) + ", " + std::to_string(end_ - p_) + " remain");
-    }
-    std::memcpy(dst, p_, n);
-    p_ += n;
-  }
-  uint64_t remainingBound() const override { return static_cast<uint64_t>(end_ - p_); }
-  size_t remaining() const { return static_cast<size_t>(end_ - p_); }
-
- private:
-  const char* p_;
-  const char* end_;
-  const char* begin_;
-};
-}  // namespace
-
-Message frameFromBytes(const char* data, size_t size, const FrameLimits& limits) {
-  MemorySource src(data, size);
-  Message m = readFrame(src, limits);
-  if (src.remaining() != 0) throwDecode(std::to_string(src.remaining()) + " bytes after the frame");
-  return m;
 }
 
 }  // namespace torchrpc

@@ -6,7 +6,10 @@
 #include <array>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
+
+#include <c10/core/Storage.h>
 
 #include "messages/message.h"
 
@@ -21,6 +24,7 @@ struct FrameLimits {
   uint32_t maxPayloadBytes = 1u << 30;      // payload + descriptors
   uint32_t maxTensors = 1u << 20;
   uint64_t maxStorageBytes = 1ull << 40;    // all tensor bytes of one frame
+  uint64_t maxFrameBytes = 1ull << 41;      // header + payload + descriptors + tensors
   uint8_t maxDims = 64;
 };
 
@@ -41,20 +45,62 @@ struct EncodedFrame {
 
 EncodedFrame encodeFrame(const Message& message);
 
-// Where a decoder reads from: a socket, or bytes in memory.
-class ByteSource {
+// Decodes frames from a byte stream as its bytes arrive, so one thread can
+// serve many connections: the owner asks want() where the next bytes go,
+// writes up to that many there, and reports them with wrote(). Buffers grow
+// with the bytes received; tensor storage is allocated (uncommitted) once the
+// checksummed metadata has arrived, and read into directly, so tensor bytes
+// are copied once, from the kernel into their final storage.
+class FrameDecoder {
  public:
-  virtual ~ByteSource() = default;
-  // Fills dst with exactly n bytes or throws RpcError.
-  virtual void readExact(char* dst, size_t n) = 0;
-  // An upper bound on the bytes this source can still deliver (memory sources
-  // know it; sockets don't), so a lying header cannot make us allocate.
-  virtual uint64_t remainingBound() const { return UINT64_MAX; }
-};
+  explicit FrameDecoder(const FrameLimits& limits) : limits_(limits) {}
+  // Where the next bytes go and how many the current section still needs (> 0).
+  std::pair<char*, size_t> want();
+  // `n` bytes were written at want().first. Returns true when a whole frame
+  // is decoded; take() hands it over and readies the next. Throws
+  // RpcError(kDecode) naming what is wrong.
+  bool wrote(size_t n);
+  Message take();
+  // True between a frame's first byte and its last.
+  bool midFrame() const { return stage_ != Stage::kHeader || filled_ > 0; }
+  // The whole size the current frame declared (0 until its header is read).
+  uint64_t declaredBytes() const { return declared_; }
+  // A bound on the bytes the source can still deliver (memory sources know
+  // it; sockets don't), so a lying header cannot make us allocate.
+  void setRemainingBound(uint64_t bound) { bound_ = bound; }
 
-// Reads one frame. Throws RpcError(kDecode) naming what is wrong; never reads
-// or allocates beyond what the header, checked against `limits`, allows.
-Message readFrame(ByteSource& source, const FrameLimits& limits);
+ private:
+  enum class Stage { kHeader, kMeta, kStorage, kDone };
+  void onHeader();
+  void onMeta();
+  void nextStorage();
+
+  FrameLimits limits_;
+  uint64_t bound_ = UINT64_MAX;
+  Stage stage_ = Stage::kHeader;
+  size_t filled_ = 0;  // bytes of the current section received
+  std::array<char, kFrameHeaderBytes> header_{};
+  uint32_t payloadBytes_ = 0;
+  uint32_t checksum_ = 0;
+  uint32_t storageCount_ = 0;
+  uint32_t tensorCount_ = 0;
+  uint64_t storageBytes_ = 0;
+  uint64_t declared_ = 0;
+  std::string meta_;  // payload then descriptors; grows as bytes arrive
+  size_t metaTotal_ = 0;
+  struct View {
+    uint32_t slice;
+    c10::ScalarType dtype;
+    bool requiresGrad;
+    uint64_t offsetBytes;
+    std::vector<int64_t> sizes, strides;
+  };
+  std::vector<View> views_;
+  std::vector<uint64_t> sliceBytes_;
+  std::vector<c10::Storage> storages_;
+  size_t storage_ = 0;  // index of the storage being filled
+  Message message_;
+};
 
 // Decodes a whole frame held in memory (Python, tests and tools).
 Message frameFromBytes(const char* data, size_t size, const FrameLimits& limits = {});

@@ -1,0 +1,32 @@
+#pragma once
+
+// Fault injection for tests: a transport decorator that drops, delays or
+// duplicates chosen message types on send, so the protocols' retries and
+// idempotence are exercised over real connections. Enabled by
+// RpcOptions(faults=...) or TORCHRPC_FAULTS, e.g.
+//   "RREF_USER_DELETE:drop:0.2,SCRIPT_CALL:delay:0.05,RREF_FORK_REQUEST:dup:0.5"
+// drop:P and dup:P take a probability, delay:S seconds.
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "agent/transport.h"
+
+namespace torchrpc {
+
+struct FaultRule {
+  enum class Action { kDrop, kDelay, kDuplicate };
+  MessageType type;
+  Action action;
+  double value;  // probability, or seconds for kDelay
+};
+
+// Parses a fault spec; throws RpcError(kArgument) naming the bad part.
+std::vector<FaultRule> parseFaults(const std::string& spec);
+
+// A TcpTransport, wrapped in fault injection when `faults` is not empty.
+std::unique_ptr<Transport> makeTransport(TransportOptions options, TransportCallbacks callbacks,
+                                         const std::string& faults);
+
+}  // namespace torchrpc
