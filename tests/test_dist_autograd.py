@@ -324,15 +324,16 @@ def _frame(sock):
 
 def stranger_body(rank):
     """A raw client sends autograd messages that name nothing real."""
-    import socket
+    from torchrpc.testing import authenticated_socket
 
     if rank != 0:
         _finished.wait(60)
         return None
-    host, port = torchrpc.api._current().agent.address.rsplit(":", 1)
+    state = torchrpc.api._current()
+    job_id, secret = state.credentials
     replies = {}
-    with socket.create_connection((host, int(port)), timeout=10) as s:
-        s.sendall(messages.Handshake(worker_name="w1", worker_id=1, protocol_version=1).encode())
+    # A member gone wrong: it authenticates as w1, then sends nonsense.
+    with authenticated_socket(state.agent.address, 1, 0, secret, job_id) as s:
         probes = {
             "backward_unknown_context": messages.BackwardAutogradReq(
                 id=1, context_id=12345, from_worker_id=1, grads={7: [torch.ones(2)]}),

@@ -241,6 +241,7 @@ def _start(name, rank, world_size, host, port, options):
         raise
     agent.set_workers([(w["name"], w["address"], w["python_udf"]) for w in infos])
     state = _State(agent, store, [WorkerInfo(w["name"], r) for r, w in enumerate(infos)], options)
+    state.credentials = (job_id, secret)  # for torchrpc.testing's raw clients
     state.python_udf = [w["python_udf"] for w in infos]
     state.self_info = state.workers[rank]
     _state = state
@@ -274,6 +275,7 @@ def shutdown(graceful: bool = True, timeout: Optional[float] = None,
     leaks = None
     gone = lambda: set(agent.lost_peers()) | set(agent.left_peers())  # noqa: E731
     lost = {}
+    missing = set(range(n)) - {rank}  # workers not known to have finished
     try:
         if graceful:
             # Still serving (Python callables and RRef forks need _state) until
@@ -281,14 +283,17 @@ def shutdown(graceful: bool = True, timeout: Optional[float] = None,
             # deletes now, and the wait covers their acknowledgements.
             gc.collect()
             ok = agent.wait_until_idle(timeout)
+            missing = set()
             ok = rendezvous.barrier(
                 state.store, "torchrpc/shutdown/1", rank, n, timeout, gone=gone,
-                probe=agent.probe_peers,
+                probe=agent.probe_peers, missing=missing,
             ) and ok
             leaks = _rref_leaks(state) if ok else None
     finally:
         gone_before = gone()
-        lost = agent.lost_peers()
+        # A worker that finished its calls and closed while we still waited
+        # is not lost: only those that never got there are.
+        lost = {r: why for r, why in agent.lost_peers().items() if r in missing}
         with _lock:
             _state = None
         _C.set_current_agent(None)

@@ -128,15 +128,19 @@ def exchange(store, rank: int, world_size: int, info: dict, timeout: float) -> L
 
 
 def barrier(store, key: str, rank: int, world_size: int, timeout: float, wait: bool = True,
-            gone: Callable[[], Set[int]] = set, probe: Optional[Callable[[], None]] = None) -> bool:
+            gone: Callable[[], Set[int]] = set, probe: Optional[Callable[[], None]] = None,
+            missing: Optional[Set[int]] = None) -> bool:
     """Counts this worker in at `key` and, if `wait`, waits for every other
     worker to count in or be `gone()` (lost or shut down: a dead worker must
     not hold the others up). `probe` is called now and then, so that workers
     we never talked to are checked too.
 
     Returns False if the timeout passed first, or the store went away while
-    every worker still looked alive.
+    every worker still looked alive. `missing`, if given, receives the ranks
+    that never counted in.
     """
+    if missing is None:
+        missing = set()
     deadline = time.monotonic() + timeout
     waiting = set(range(world_size)) - {rank}
     next_probe = 0.0
@@ -147,7 +151,8 @@ def barrier(store, key: str, rank: int, world_size: int, timeout: float, wait: b
         count = store.add(key, 1)
         while wait and waiting and time.monotonic() < deadline:
             if count >= world_size:
-                return True
+                waiting = set()
+                break
             waiting -= gone()
             waiting = {r for r in waiting if not store.check([f"{key}/{r}"])}
             if waiting and probe is not None and time.monotonic() >= next_probe:
@@ -157,5 +162,9 @@ def barrier(store, key: str, rank: int, world_size: int, timeout: float, wait: b
                 time.sleep(0.01)
                 count = store.add(key, 0)
     except Exception:
+        missing.update(waiting)
         return bool(gone())
-    return not wait or not waiting or count >= world_size
+    if wait and waiting and count < world_size:
+        missing.update(waiting)
+        return False
+    return True

@@ -17,7 +17,11 @@ fuzzer corrupt a frame and still make its checksum valid, so corruption
 reaches the payload and descriptor decoders instead of stopping at the CRC.
 """
 
+import hashlib
+import hmac
 import math
+import os
+import socket
 import struct
 import typing
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
@@ -351,6 +355,7 @@ MESSAGE_FIELD_STRATEGIES: Dict[str, Dict[str, typing.Callable[[], st.SearchStrat
     "SCHEMA_QUERY": {},
     "SCHEMA_RET": {},
     "SHUTDOWN_NOTICE": {},
+    "CANCEL_RET": {},
 }
 
 
@@ -565,3 +570,48 @@ def join_frame(parts: FrameParts, reseal: bool = True) -> bytes:
         crc = crc32c(parts.payload, crc)
         header[_CHECKSUM_INDEX] = crc32c(parts.descriptors, crc)
     return HEADER.pack(*header) + parts.payload + parts.descriptors + parts.storage
+
+
+# --- Raw clients -----------------------------------------------------------
+
+_HS_MAGIC = 0x53485254
+_HS_VERSION = 1
+
+
+def _handshake_mac(secret: bytes, job_id: str, label: bytes, dialer: int, listener: int,
+                   dialer_nonce: bytes, listener_nonce: bytes) -> bytes:
+    job = job_id.encode()
+    msg = (label + b"\0" + struct.pack("<I", len(job)) + job + struct.pack("<qq", dialer, listener)
+           + dialer_nonce + listener_nonce)
+    return hmac.new(secret, msg, hashlib.sha256).digest()
+
+
+def authenticated_socket(address: str, as_worker: int, listener: int, secret: bytes, job_id: str,
+                         timeout: float = 10.0) -> socket.socket:
+    """A raw socket to a worker that has passed the handshake
+    (csrc/agent/handshake.h) as worker `as_worker`: for tests that play a
+    misbehaving *member*. Raises ConnectionError if the worker refuses."""
+    host, port = address.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=timeout)
+    nonce = os.urandom(32)
+    s.sendall(struct.pack("<IHHqq", _HS_MAGIC, _HS_VERSION, 0, as_worker, listener) + nonce)
+    challenge = b""
+    while len(challenge) < 80:
+        chunk = s.recv(80 - len(challenge))
+        if not chunk:
+            s.close()
+            raise ConnectionError("the worker closed the connection during the handshake")
+        challenge += chunk
+    magic, _, status, _ = struct.unpack_from("<IHHq", challenge)
+    if magic != _HS_MAGIC or status != 0:
+        s.close()
+        raise ConnectionError(f"handshake refused (status {status})")
+    their_nonce, their_mac = challenge[16:48], challenge[48:80]
+    expected = _handshake_mac(secret, job_id, b"torchrpc handshake v1 listener", as_worker, listener,
+                              nonce, their_nonce)
+    if not hmac.compare_digest(expected, their_mac):
+        s.close()
+        raise ConnectionError("the worker does not hold this secret")
+    s.sendall(_handshake_mac(secret, job_id, b"torchrpc handshake v1 dialer", as_worker, listener,
+                             nonce, their_nonce))
+    return s

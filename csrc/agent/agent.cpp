@@ -166,6 +166,7 @@ std::shared_ptr<Connection> Agent::connectionTo(int64_t to) {
   } else if (!why.empty() && !left_.count(to) && !stopped_.load()) {
     lost_.emplace(to, why);
   }
+  lostCount_ = lost_.size();
   connCv_.notify_all();
   g.unlock();
   if (failure) std::rethrow_exception(failure);
@@ -306,6 +307,11 @@ void Agent::onMessage(const std::shared_ptr<Connection>& conn, Message&& message
     return;
   }
   const int64_t peer = conn->peerId();
+  if (lostCount_.load(std::memory_order_relaxed) > 0) {
+    std::lock_guard<std::mutex> g(connMu_);
+    lost_.erase(peer);  // it is alive after all
+    lostCount_ = lost_.size();
+  }
   switch (message.type) {
     case MessageType::kShutdownNotice: {
       std::lock_guard<std::mutex> g(connMu_);
@@ -313,26 +319,24 @@ void Agent::onMessage(const std::shared_ptr<Connection>& conn, Message&& message
       return;
     }
     case MessageType::kCancel: {
-      bool neverRan = onCancel(peer, Cancel::fromMessage(message)->value());
+      bool neverRan = onCancel(conn.get(), Cancel::fromMessage(message)->value());
       if (message.id != 0) reply(conn, CancelRet(neverRan).toMessage(), message.id);
       return;
     }
     default:
-      if (!startServing(peer, message.id)) return;  // a duplicate
+      if (!startServing({conn->serial(), peer, message.id})) return;  // a duplicate
       pool_->submit([this, conn, m = std::move(message)]() mutable { serveRequest(conn, std::move(m)); });
   }
 }
 
-bool Agent::startServing(int64_t peer, int64_t id) {
+bool Agent::startServing(const PeerMessage& key) {
   std::lock_guard<std::mutex> g(servingMu_);
-  PeerMessage key{peer, id};
   if (recent_.count(key)) return false;
   return serving_.emplace(key, Serving::kQueued).second;
 }
 
-bool Agent::finishServing(int64_t peer, int64_t id) {
+bool Agent::finishServing(const PeerMessage& key) {
   std::lock_guard<std::mutex> g(servingMu_);
-  PeerMessage key{peer, id};
   auto it = serving_.find(key);
   bool cancelled = it != serving_.end() && it->second == Serving::kCancelled;
   if (it != serving_.end()) serving_.erase(it);
@@ -346,9 +350,9 @@ bool Agent::finishServing(int64_t peer, int64_t id) {
   return cancelled;
 }
 
-bool Agent::onCancel(int64_t peer, int64_t id) {
+bool Agent::onCancel(const Connection* conn, int64_t id) {
   std::lock_guard<std::mutex> g(servingMu_);
-  auto it = serving_.find(PeerMessage{peer, id});
+  auto it = serving_.find(PeerMessage{conn->serial(), conn->peerId(), id});
   if (it == serving_.end()) return false;  // finished (or answered) already
   bool neverRan = it->second == Serving::kQueued;
   it->second = Serving::kCancelled;
@@ -360,7 +364,7 @@ void Agent::serveRequest(const std::shared_ptr<Connection>& conn, Message&& requ
   const int64_t peer = conn->peerId();
   {
     std::lock_guard<std::mutex> g(servingMu_);
-    auto it = serving_.find(PeerMessage{peer, id});
+    auto it = serving_.find(PeerMessage{conn->serial(), peer, id});
     if (it != serving_.end()) {
       if (it->second == Serving::kCancelled) {
         serving_.erase(it);  // the caller gave up before it started: never run
@@ -382,7 +386,7 @@ void Agent::serveRequest(const std::shared_ptr<Connection>& conn, Message&& requ
   // The response goes back wrapped when the request came wrapped; may be
   // called later, from another thread (async replies).
   Responder respond = [this, conn, id, peer, autograd](Message&& response) {
-    if (finishServing(peer, id)) return;  // cancelled while running: the caller wants no answer
+    if (finishServing({conn->serial(), peer, id})) return;  // cancelled while running: the caller wants no answer
     if (autograd) {
       try {
         response = autograd_->wrapResponse(*autograd, std::move(response));
@@ -692,7 +696,6 @@ void Agent::failPending(const std::function<bool(const Pending&)>& which, ErrorK
 void Agent::onClosed(const std::shared_ptr<Connection>& conn, CloseReason reason, const std::string& why) {
   const int64_t peer = conn->peerId();
   bool outgoing = false;
-  bool lost = false;
   {
     std::lock_guard<std::mutex> g(connMu_);
     auto it = outgoing_.find(peer);
@@ -700,12 +703,22 @@ void Agent::onClosed(const std::shared_ptr<Connection>& conn, CloseReason reason
       outgoing_.erase(it);
       outgoing = true;
     }
-    // A peer that hung up without saying it shuts down, went silent, or
-    // broke its stream is lost, whichever of its connections told us.
-    lost = reason != CloseReason::kLocal && !left_.count(peer) && !stopped_.load();
-    if (lost) lost_[peer] = why;
+    // A lost peer stays lost until it shows life again (a message, or a
+    // connection we dial succeeds).
+    // Any connection going silent means the peer froze or the network
+    // broke; a hang-up or a corrupt stream counts only on the connection we
+    // dialed (another connection claiming the same id closing says nothing
+    // about the worker we talk to).
+    bool counts = reason == CloseReason::kSilent || (outgoing && reason != CloseReason::kLocal);
+    if (counts && !left_.count(peer) && !stopped_.load()) {
+      lost_[peer] = why;
+      lostCount_ = lost_.size();
+    }
   }
-  if (!outgoing && !lost) return;
+  // Only calls on the connection that broke fail: another connection from
+  // the same id closing (a second dial, a misbehaving client holding the
+  // secret) says nothing about ours.
+  if (!outgoing) return;
   const std::string name = peer >= 0 && peer < static_cast<int64_t>(workers_.size()) ? workers_[peer].name : "?";
   if (stopped_.load()) {
     failPending([peer](const Pending& p) { return p.peer == peer; }, ErrorKind::kShutdown, "RPC was shut down");

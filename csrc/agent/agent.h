@@ -164,7 +164,7 @@ class Agent {
   void onClosed(const std::shared_ptr<Connection>& conn, CloseReason reason, const std::string& why);
   void markLost(int64_t peer, const std::string& why);
   // CANCEL from a peer: drop or disown request `id`; true if it never ran.
-  bool onCancel(int64_t peer, int64_t id);
+  bool onCancel(const Connection* conn, int64_t id);
   // Sends CANCEL for our request `id` if a connection to `peer` is open.
   void sendCancel(int64_t peer, int64_t id);
   void completeResponse(Message&& response);
@@ -198,23 +198,29 @@ class Agent {
   std::unordered_map<int64_t, std::shared_ptr<Connection>> outgoing_;
   std::unordered_set<int64_t> connecting_;  // dials in progress
   std::map<int64_t, std::string> lost_;
+  std::atomic<size_t> lostCount_{0};  // lost_.size(), read without the lock per message
   std::unordered_set<int64_t> left_;
 
-  // Requests from peers being served, by (peer, message id): CANCEL finds
-  // them here, and a duplicate of one is ignored. Recently finished ones are
-  // remembered a while, so a late duplicate is ignored too.
+  // Requests from peers being served, by (connection, peer, message id):
+  // CANCEL finds them here, and a duplicate of one is ignored. Recently
+  // finished ones are remembered a while, so a late duplicate is ignored too.
+  // Keyed by connection, not peer alone: ids are unique per sending agent,
+  // and only a connection is sure to carry one agent's messages.
   enum class Serving : uint8_t { kQueued, kRunning, kCancelled };
   struct PeerMessage {
+    uint64_t conn;  // Connection::serial()
     int64_t peer, id;
-    bool operator==(const PeerMessage& o) const { return peer == o.peer && id == o.id; }
+    bool operator==(const PeerMessage& o) const { return conn == o.conn && peer == o.peer && id == o.id; }
   };
   struct PeerMessageHash {
-    size_t operator()(const PeerMessage& k) const { return std::hash<int64_t>()(k.id * 131 + k.peer); }
+    size_t operator()(const PeerMessage& k) const {
+      return std::hash<int64_t>()(k.id * 131 + k.peer) ^ std::hash<uint64_t>()(k.conn * 0x9E3779B97F4A7C15ull);
+    }
   };
   // False if this request is a duplicate of one seen recently.
-  bool startServing(int64_t peer, int64_t id);
+  bool startServing(const PeerMessage& key);
   // True if the request was cancelled meanwhile (its reply is dropped).
-  bool finishServing(int64_t peer, int64_t id);
+  bool finishServing(const PeerMessage& key);
   std::mutex servingMu_;
   std::unordered_map<PeerMessage, Serving, PeerMessageHash> serving_;
   std::unordered_set<PeerMessage, PeerMessageHash> recent_;

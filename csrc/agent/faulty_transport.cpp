@@ -60,6 +60,7 @@ class FaultyConnection : public Connection {
   FaultyConnection(std::shared_ptr<Connection> inner, FaultyTransport& transport)
       : inner_(std::move(inner)), transport_(transport) {
     peerId_ = inner_->peerId();
+    serial_ = inner_->serial();
   }
   void send(const Message& message) override;
   void close() override { inner_->close(); }

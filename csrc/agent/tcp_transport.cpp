@@ -138,6 +138,7 @@ class TcpTransport::TcpConnection : public Connection {
         decoder_(transport.options_.limits) {
     lastRecv_ = Clock::now();
     lastSendNs_ = nowNs();
+    serial_ = transport.nextSerial_.fetch_add(1);
     if (state == State::kOpen) open();
   }
   ~TcpConnection() override { ::close(fd_); }

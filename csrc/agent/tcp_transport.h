@@ -58,6 +58,7 @@ class TcpTransport : public Transport {
   int wakeFd_ = -1;
   std::string address_;
   std::atomic<bool> stopped_{false};
+  std::atomic<uint64_t> nextSerial_{1};
   std::thread loop_;
 
   std::mutex mu_;  // guards conns_

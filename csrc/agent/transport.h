@@ -27,9 +27,13 @@ class Connection {
   virtual void close() = 0;
   // The worker id the handshake authenticated.
   int64_t peerId() const { return peerId_; }
+  // Distinct for every connection a transport ever made (unlike its address,
+  // which a later connection may reuse).
+  uint64_t serial() const { return serial_; }
 
  protected:
   int64_t peerId_ = -1;
+  uint64_t serial_ = 0;
 };
 
 // Why a connection ended.

@@ -1,0 +1,524 @@
+"""Dead, frozen and failing peers, rendezvous that never completes, and
+cancellation.
+
+What the transport promises (and these tests hold it to):
+- heartbeats every RpcOptions.heartbeat_interval; a peer silent for
+  RpcOptions.peer_timeout (SIGKILLed or SIGSTOPped) is declared lost:
+  pending calls to it fail with PeerLostError naming it, and shutdown()
+  returns within peer_timeout (+ slack), warning (RuntimeWarning) with the
+  lost peers' names, or raising RpcShutdownError naming them with
+  shutdown(raise_on_lost_peers=True);
+- init_rpc raises RpcTimeoutError within init_timeout on every rank when a
+  rank never arrives, naming the missing ranks, also on a non-host rank whose
+  store (rank 0) never appears, and the process then exits cleanly;
+- a worker that raises and exits between init_rpc and shutdown does not hold
+  up the others' shutdown();
+- torchrpc.cancel(fut) cancels a pending call (True if it never ran on the
+  callee); a call's timeout sends CANCEL so the callee drops it if not started.
+
+Workers run in spawned processes driven by commands over a Pipe (module-level
+functions sent by reference); every test has a hard timeout (SIGALRM) and
+kills its children when done, so nothing can hang the suite. Times are
+compared across processes with time.monotonic() (CLOCK_MONOTONIC is
+system-wide on Linux).
+"""
+
+import functools
+import json
+import multiprocessing as mp
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import traceback
+import warnings
+
+import torch
+from rpc_harness import free_port
+
+import scripted_ops
+import torchrpc
+
+PEER_TIMEOUT = 2.0
+HEARTBEAT_INTERVAL = 0.5
+SLACK = 1.0
+LOST_WITHIN = PEER_TIMEOUT + SLACK  # a lost peer's calls fail, and shutdown returns, within this
+# Bounds an old build's graceful shutdown so a failing test still ends quickly;
+# a correct one returns within LOST_WITHIN regardless.
+SHUTDOWN_TIMEOUT = 4.0
+INIT_TIMEOUT = 3.0
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_CTX = mp.get_context("spawn")
+
+
+# -- hard timeouts ---------------------------------------------------------------
+
+
+def hard_timeout(seconds):
+    """Fails the test (and so runs its finally blocks) after `seconds`."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            def on_alarm(signum, frame):
+                raise TimeoutError(f"{fn.__name__} exceeded its hard timeout of {seconds} s")
+
+            old = signal.signal(signal.SIGALRM, on_alarm)
+            signal.alarm(seconds)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                signal.alarm(0)
+                signal.signal(signal.SIGALRM, old)
+
+        return wrapper
+
+    return deco
+
+
+# -- worker processes driven by commands ------------------------------------------
+
+
+def _child_main(rank, world_size, port, options, after_ready, conn):
+    """A worker: init_rpc, report its pid, run after_ready() (which may raise:
+    the process then exits as a script would), then run commands."""
+    try:
+        torchrpc.init_rpc(
+            f"w{rank}", rank=rank, world_size=world_size,
+            init_method=f"tcp://127.0.0.1:{port}",
+            options=torchrpc.RpcOptions(**options),
+        )
+        conn.send(("ready", {"pid": os.getpid()}))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        os._exit(1)
+    if after_ready is not None:
+        after_ready()  # an exception here ends the process the ordinary way
+    while True:
+        try:
+            fn, args = conn.recv()
+        except (EOFError, OSError):
+            break
+        if fn is None:
+            break
+        try:
+            conn.send(("ok", fn(*args)))
+        except BaseException:
+            conn.send(("error", traceback.format_exc()))
+    os._exit(0)
+
+
+class World:
+    """`world_size` workers w0..w{n-1} in spawned processes, on loopback.
+    options: RpcOptions kwargs for all ranks or a list per rank."""
+
+    def __init__(self, world_size, options=None, after_ready=None, timeout=90):
+        port = free_port()
+        per_rank = options if isinstance(options, list) else [options or {}] * world_size
+        after_ready = after_ready or {}
+        self.procs, self.conns, self.info = [], [], [None] * world_size
+        try:
+            for r in range(world_size):
+                parent_end, child_end = _CTX.Pipe()
+                p = _CTX.Process(
+                    target=_child_main,
+                    args=(r, world_size, port, per_rank[r], after_ready.get(r), child_end),
+                    daemon=True,
+                )
+                p.start()
+                child_end.close()
+                self.procs.append(p)
+                self.conns.append(parent_end)
+            for r in range(world_size):
+                kind, value = self._recv(r, timeout)
+                if kind != "ready":
+                    raise AssertionError(f"worker w{r} failed to start:\n{value}")
+                self.info[r] = value
+        except BaseException:
+            self.close()
+            raise
+
+    def pid(self, rank):
+        return self.info[rank]["pid"]
+
+    def _recv(self, rank, timeout):
+        conn = self.conns[rank]
+        if not conn.poll(timeout):
+            raise AssertionError(f"worker w{rank} did not answer within {timeout} s")
+        try:
+            return conn.recv()
+        except EOFError:
+            raise AssertionError(
+                f"worker w{rank} died (exit code {self.procs[rank].exitcode})"
+            ) from None
+
+    def send(self, rank, fn, *args):
+        self.conns[rank].send((fn, args))
+
+    def recv(self, rank, timeout=60):
+        kind, value = self._recv(rank, timeout)
+        if kind != "ok":
+            raise AssertionError(f"command on worker w{rank} failed:\n{value}")
+        return value
+
+    def do(self, rank, fn, *args, timeout=60):
+        self.send(rank, fn, *args)
+        return self.recv(rank, timeout)
+
+    def recv_all(self, ranks, within):
+        """The results of commands sent to `ranks`, all due within `within` s."""
+        deadline = time.monotonic() + within
+        return [self.recv(r, max(0.0, deadline - time.monotonic())) for r in ranks]
+
+    def close(self):
+        for p in self.procs:
+            if p.is_alive():
+                try:
+                    os.kill(p.pid, signal.SIGCONT)  # a stopped child must not linger
+                except OSError:
+                    pass
+                p.kill()
+        for p in self.procs:
+            p.join(timeout=10)
+        for c in self.conns:
+            c.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# -- functions the workers call on each other ----------------------------------------
+
+
+def udf_sleep(started_marker, seconds):
+    """Marks that it started, then sleeps."""
+    with open(started_marker, "w"):
+        pass
+    time.sleep(seconds)
+    return seconds
+
+
+def udf_write_marker(path):
+    with open(path, "w") as f:
+        f.write("ran")
+    return path
+
+
+def raise_boom():
+    raise RuntimeError("boom: this worker fails right after init_rpc")
+
+
+# -- commands (run in the workers) ---------------------------------------------------
+
+_pending = []
+
+
+def _outcome(fut, within):
+    """(error class name, "ok" or "pending"; message; monotonic time it completed; is RpcError)."""
+    done = threading.Event()
+    done_at = []
+
+    def on_done(_):
+        done_at.append(time.monotonic())
+        done.set()
+
+    fut.add_done_callback(on_done)
+    if not done.wait(within):
+        return ("pending", "", None, False)
+    try:
+        fut.wait()
+        return ("ok", "", done_at[0], False)
+    except Exception as e:
+        return (type(e).__name__, str(e), done_at[0], isinstance(e, torchrpc.RpcError))
+
+
+def cmd_start_slow_calls(to, n, marker_dir, seconds):
+    """Starts n slow Python calls to `to`; returns the paths their start markers get."""
+    me = torchrpc.get_worker_info().name
+    paths = []
+    for i in range(n):
+        path = os.path.join(marker_dir, f"{me}-{i}")
+        _pending.append(torchrpc.rpc_async(to, udf_sleep, (path, seconds), timeout=60))
+        paths.append(path)
+    return paths
+
+
+def _shutdown_measured(raise_on_lost_peers):
+    out = {}
+    t0 = time.monotonic()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            if raise_on_lost_peers:
+                torchrpc.shutdown(raise_on_lost_peers=True)
+            else:
+                torchrpc.shutdown()
+            out["error"] = None
+        except Exception as e:
+            out["error"] = (type(e).__name__, str(e))
+    out["seconds"] = time.monotonic() - t0
+    out["warnings"] = [(w.category.__name__, str(w.message)) for w in caught]
+    return out
+
+
+def cmd_await_pending_then_shutdown(within, raise_on_lost_peers):
+    """Waits (at most `within` s in all) for the calls cmd_start_slow_calls
+    started; if all completed, shuts down and times it."""
+    deadline = time.monotonic() + within
+    outcomes = [_outcome(f, max(0.0, deadline - time.monotonic())) for f in _pending]
+    out = {"outcomes": outcomes, "shutdown": None}
+    if all(o[0] != "pending" for o in outcomes):
+        out["shutdown"] = _shutdown_measured(raise_on_lost_peers)
+    return out
+
+
+def cmd_shutdown(raise_on_lost_peers):
+    return _shutdown_measured(raise_on_lost_peers)
+
+
+def cmd_cancel_queued(marker_dir):
+    """w1 has one worker thread: a 1.5 s call holds it while two more (a
+    Python call that would write a marker, a script call that would store a
+    parameter) wait in its queue; both are cancelled."""
+    out = {}
+    blocker = torchrpc.rpc_async("w1", scripted_ops.sleep_ms, (1500,))
+    time.sleep(0.3)  # the blocker holds w1's only worker thread
+    queued_py = torchrpc.rpc_async(
+        "w1", udf_write_marker, (os.path.join(marker_dir, "cancelled-udf"),)
+    )
+    queued_script = torchrpc.rpc_async(
+        "w1", scripted_ops.param_put, ("cancelled-script", torch.ones(1))
+    )
+    time.sleep(0.3)  # both have reached w1 and wait in its queue
+    out["cancel_py"] = torchrpc.cancel(queued_py)
+    out["cancel_script"] = torchrpc.cancel(queued_script)
+    out["py"] = _outcome(queued_py, 5.0)
+    out["script"] = _outcome(queued_script, 5.0)
+    out["blocker"] = _outcome(blocker, 5.0)
+    out["blocker_value"] = blocker.wait() if out["blocker"][0] == "ok" else None
+    out["cancel_completed"] = torchrpc.cancel(blocker)
+    time.sleep(0.5)  # had a cancelled call run after the blocker, it would have by now
+    out["script_ran"] = _param_exists("cancelled-script")
+    return out
+
+
+def cmd_timeout_drops_queued(marker_dir):
+    """A call that times out (0.5 s) while queued behind a 2 s call on w1
+    (one worker thread) must never run there."""
+    blocker = torchrpc.rpc_async("w1", scripted_ops.sleep_ms, (2000,))
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    late_py = torchrpc.rpc_async(
+        "w1", udf_write_marker, (os.path.join(marker_dir, "timed-out-udf"),), timeout=0.5
+    )
+    late_script = torchrpc.rpc_async(
+        "w1", scripted_ops.param_put, ("timed-out-script", torch.ones(1)), timeout=0.5
+    )
+    out = {"py": _outcome(late_py, 5.0), "script": _outcome(late_script, 5.0), "sent_at": t0}
+    out["blocker"] = _outcome(blocker, 5.0)
+    time.sleep(0.7)  # had a timed-out call run after the blocker, it would have by now
+    out["script_ran"] = _param_exists("timed-out-script")
+    return out
+
+
+def _param_exists(name):
+    try:
+        torchrpc.rpc_sync("w1", scripted_ops.param_get, (name,), timeout=5)
+        return True
+    except torchrpc.RpcTimeoutError:
+        raise
+    except Exception:
+        return False
+
+
+# -- lost peers ---------------------------------------------------------------------
+
+
+def _lost_peer(sig, tmp_path):
+    """w0 and w1 have slow calls running on w2; w2 gets `sig`. Returns what
+    w0 (default shutdown: warns) and w1 (raise_on_lost_peers=True) saw, and
+    the monotonic time of the signal."""
+    options = {"python_udf": True, "peer_timeout": PEER_TIMEOUT,
+               "heartbeat_interval": HEARTBEAT_INTERVAL, "shutdown_timeout": SHUTDOWN_TIMEOUT}
+    with World(3, options=options) as world:
+        victim = world.pid(2)
+        try:
+            markers = []
+            for r in (0, 1):
+                markers += world.do(r, cmd_start_slow_calls, "w2", 3, str(tmp_path), 30.0)
+            deadline = time.monotonic() + 10
+            while not all(os.path.exists(m) for m in markers):
+                assert time.monotonic() < deadline, "the slow calls never started on w2"
+                time.sleep(0.02)
+            signalled_at = time.monotonic()
+            os.kill(victim, sig)
+            wait = LOST_WITHIN + 3.0
+            world.send(0, cmd_await_pending_then_shutdown, wait, False)
+            world.send(1, cmd_await_pending_then_shutdown, wait, True)
+            w0, w1 = world.recv_all((0, 1), wait + 3 * SHUTDOWN_TIMEOUT + 5)
+            return w0, w1, signalled_at
+        finally:
+            try:
+                os.kill(victim, signal.SIGCONT)
+                os.kill(victim, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def _check_lost_peer(w0, w1, signalled_at):
+    for name, out in (("w0", w0), ("w1", w1)):
+        for kind, message, done_at, _ in out["outcomes"]:
+            assert kind == "PeerLostError", f"{name}'s call to w2 ended as {kind}: {message}"
+            assert "w2" in message, message
+            took = done_at - signalled_at
+            assert took < LOST_WITHIN, f"{name}'s call failed {took:.2f} s after w2 was lost"
+    assert w0["shutdown"] is not None and w1["shutdown"] is not None
+    s0, s1 = w0["shutdown"], w1["shutdown"]
+    assert s0["seconds"] < LOST_WITHIN, f"w0's shutdown took {s0['seconds']:.2f} s"
+    assert s1["seconds"] < LOST_WITHIN, f"w1's shutdown took {s1['seconds']:.2f} s"
+    assert s0["error"] is None, f"w0's shutdown raised {s0['error']}"
+    assert any(cat == "RuntimeWarning" and "w2" in msg for cat, msg in s0["warnings"]), (
+        f"w0's shutdown did not warn about losing w2: {s0['warnings']}"
+    )
+    assert s1["error"] is not None and s1["error"][0] == "RpcShutdownError", s1
+    assert "w2" in s1["error"][1], s1["error"]
+
+
+@hard_timeout(45)
+def test_sigkilled_peer_fails_pending_calls_and_shutdown_names_it(tmp_path):
+    _check_lost_peer(*_lost_peer(signal.SIGKILL, tmp_path))
+
+
+@hard_timeout(45)
+def test_sigstopped_peer_is_declared_lost_by_heartbeat(tmp_path):
+    _check_lost_peer(*_lost_peer(signal.SIGSTOP, tmp_path))
+
+
+@hard_timeout(45)
+def test_worker_raising_after_init_does_not_hold_up_shutdown():
+    options = {"peer_timeout": PEER_TIMEOUT, "heartbeat_interval": HEARTBEAT_INTERVAL,
+               "shutdown_timeout": SHUTDOWN_TIMEOUT}
+    with World(3, options=options, after_ready={2: raise_boom}) as world:
+        failing = world.procs[2]
+        failing.join(timeout=10)
+        assert failing.exitcode not in (None, 0), "w2 should have died of its exception"
+        world.send(0, cmd_shutdown, False)
+        world.send(1, cmd_shutdown, False)
+        for r, out in zip((0, 1), world.recv_all((0, 1), 3 * SHUTDOWN_TIMEOUT + 5)):
+            assert out["seconds"] < LOST_WITHIN, f"w{r}'s shutdown took {out['seconds']:.2f} s"
+            assert out["error"] is None, f"w{r}'s shutdown raised {out['error']}"
+
+
+# -- rendezvous that never completes ----------------------------------------------------
+
+_INIT_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time
+    import torchrpc
+    rank, world_size, port, init_timeout = (
+        int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
+    t0 = time.monotonic()
+    try:
+        torchrpc.init_rpc(f"w{rank}", rank=rank, world_size=world_size,
+                          init_method=f"tcp://127.0.0.1:{port}",
+                          options=torchrpc.RpcOptions(init_timeout=init_timeout))
+        out = {"error": None}
+    except Exception as e:
+        out = {"error": type(e).__name__, "message": str(e),
+               "is_timeout": isinstance(e, torchrpc.RpcTimeoutError)}
+    out["elapsed"] = time.monotonic() - t0
+    out["caught_at"] = time.monotonic()
+    print("RESULT " + json.dumps(out), flush=True)
+    """
+)
+
+
+def _init_alone(rank, world_size):
+    """Runs init_rpc in a fresh interpreter with nobody else arriving; its
+    report, exit code, and seconds from catching the error to exiting."""
+    port = free_port()  # nothing listens here unless rank 0 hosts the store
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _INIT_SCRIPT, str(rank), str(world_size), str(port),
+         str(INIT_TIMEOUT)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=30)
+        exited_at = time.monotonic()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"no result (exit code {proc.returncode}); stderr:\n{stderr[-3000:]}"
+    out = json.loads(lines[-1][len("RESULT "):])
+    return out, proc.returncode, exited_at - out["caught_at"], stderr
+
+
+def _names_rank(message, rank):
+    return re.search(rf"rank\D{{0,20}}?\b{rank}\b", message, re.IGNORECASE) is not None
+
+
+@hard_timeout(30)
+def test_init_times_out_on_non_host_rank_whose_store_never_appears():
+    out, rc, exit_after, stderr = _init_alone(rank=1, world_size=2)
+    assert out["error"] == "RpcTimeoutError" and out["is_timeout"], out
+    assert out["elapsed"] < INIT_TIMEOUT + 1.0, f"init_rpc gave up after {out['elapsed']:.2f} s"
+    assert _names_rank(out["message"], 0), f"the message does not name rank 0: {out['message']}"
+    assert rc == 0, f"exit code {rc}; stderr:\n{stderr[-3000:]}"
+    assert exit_after < 3.0, f"the process took {exit_after:.2f} s to exit after the error"
+
+
+@hard_timeout(30)
+def test_init_times_out_on_host_rank_when_a_rank_never_arrives():
+    out, rc, exit_after, stderr = _init_alone(rank=0, world_size=2)
+    assert out["error"] == "RpcTimeoutError" and out["is_timeout"], out
+    assert out["elapsed"] < INIT_TIMEOUT + 1.0, f"init_rpc gave up after {out['elapsed']:.2f} s"
+    assert _names_rank(out["message"], 1), f"the message does not name rank 1: {out['message']}"
+    assert rc == 0, f"exit code {rc}; stderr:\n{stderr[-3000:]}"
+    assert exit_after < 3.0, f"the process took {exit_after:.2f} s to exit after the error"
+
+
+# -- cancellation ---------------------------------------------------------------------------
+
+_CANCEL_OPTIONS = [{"python_udf": True}, {"python_udf": True, "num_worker_threads": 1}]
+
+
+@hard_timeout(40)
+def test_cancel_drops_queued_calls(tmp_path):
+    with World(2, options=_CANCEL_OPTIONS) as world:
+        out = world.do(0, cmd_cancel_queued, str(tmp_path), timeout=30)
+    assert out["cancel_py"] is True, out
+    assert out["cancel_script"] is True, out
+    for key in ("py", "script"):
+        kind, message, _, is_rpc_error = out[key]
+        assert kind not in ("ok", "pending"), f"cancelled {key} call ended as {kind}"
+        assert is_rpc_error, f"cancelled {key} call failed with {kind}: {message}"
+    assert out["blocker"][0] == "ok" and out["blocker_value"] == 1500, out["blocker"]
+    assert out["cancel_completed"] is False, "cancel() of a completed call must return False"
+    assert not (tmp_path / "cancelled-udf").exists(), "the cancelled Python call ran on w1"
+    assert out["script_ran"] is False, "the cancelled script call ran on w1"
+
+
+@hard_timeout(40)
+def test_timed_out_call_is_dropped_by_the_callee(tmp_path):
+    with World(2, options=_CANCEL_OPTIONS) as world:
+        out = world.do(0, cmd_timeout_drops_queued, str(tmp_path), timeout=30)
+    for key in ("py", "script"):
+        kind, message, done_at, _ = out[key]
+        assert kind == "RpcTimeoutError", f"{key} call ended as {kind}: {message}"
+        took = done_at - out["sent_at"]
+        assert took < 1.5, f"{key} timed out after {took:.2f} s"
+    assert out["blocker"][0] == "ok", out["blocker"]
+    assert not (tmp_path / "timed-out-udf").exists(), "w1 ran a Python call after its timeout"
+    assert out["script_ran"] is False, "w1 ran a script call after its timeout"
