@@ -13,7 +13,8 @@ def test_public_names():
             "BackendType", "RpcBackendOptions", "TensorPipeRpcBackendOptions",
             "RpcError", "DecodeError", "RpcTimeoutError", "RemoteError", "PeerLostError",
             "RpcShutdownError", "ArgumentError", "FunctionNotFoundError",
-            "PythonCallDisabledError", "InvalidWorkerError",
+            "PythonCallDisabledError", "InvalidWorkerError", "AuthenticationError",
+            "RpcCancelledError", "cancel",
         ]
     )
     for name in torchrpc.__all__:

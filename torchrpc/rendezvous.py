@@ -153,8 +153,10 @@ def barrier(store, key: str, rank: int, world_size: int, timeout: float, wait: b
             if count >= world_size:
                 waiting = set()
                 break
-            waiting -= gone()
             waiting = {r for r in waiting if not store.check([f"{key}/{r}"])}
+            dead = waiting & gone()
+            missing.update(dead)
+            waiting -= dead
             if waiting and probe is not None and time.monotonic() >= next_probe:
                 probe()
                 next_probe = time.monotonic() + 0.5
