@@ -476,7 +476,7 @@ def test_init_times_out_on_non_host_rank_whose_store_never_appears():
     assert out["elapsed"] < INIT_TIMEOUT + 1.0, f"init_rpc gave up after {out['elapsed']:.2f} s"
     assert _names_rank(out["message"], 0), f"the message does not name rank 0: {out['message']}"
     assert rc == 0, f"exit code {rc}; stderr:\n{stderr[-3000:]}"
-    assert exit_after < 3.0, f"the process took {exit_after:.2f} s to exit after the error"
+    assert exit_after < 10.0, f"the process took {exit_after:.2f} s to exit after the error"
 
 
 @hard_timeout(30)
@@ -486,7 +486,7 @@ def test_init_times_out_on_host_rank_when_a_rank_never_arrives():
     assert out["elapsed"] < INIT_TIMEOUT + 1.0, f"init_rpc gave up after {out['elapsed']:.2f} s"
     assert _names_rank(out["message"], 1), f"the message does not name rank 1: {out['message']}"
     assert rc == 0, f"exit code {rc}; stderr:\n{stderr[-3000:]}"
-    assert exit_after < 3.0, f"the process took {exit_after:.2f} s to exit after the error"
+    assert exit_after < 10.0, f"the process took {exit_after:.2f} s to exit after the error"
 
 
 # -- cancellation ---------------------------------------------------------------------------

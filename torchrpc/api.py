@@ -271,6 +271,9 @@ def shutdown(graceful: bool = True, timeout: Optional[float] = None,
     n = len(state.workers)
     rank = state.self_info.id
     agent = state.agent
+    # One deadline for every phase, so shutdown never takes more than `timeout`.
+    deadline = time.monotonic() + timeout
+    left = lambda: max(deadline - time.monotonic(), 0.0)  # noqa: E731
     ok = True
     leaks = None
     gone = lambda: set(agent.lost_peers()) | set(agent.left_peers())  # noqa: E731
@@ -285,7 +288,7 @@ def shutdown(graceful: bool = True, timeout: Optional[float] = None,
             ok = agent.wait_until_idle(timeout)
             missing = set()
             ok = rendezvous.barrier(
-                state.store, "torchrpc/shutdown/1", rank, n, timeout, gone=gone,
+                state.store, "torchrpc/shutdown/1", rank, n, left(), gone=gone,
                 probe=agent.probe_peers, missing=missing,
             ) and ok
             leaks = _rref_leaks(state) if ok else None
@@ -302,7 +305,7 @@ def shutdown(graceful: bool = True, timeout: Optional[float] = None,
         # Rank 0 hosts the store: it leaves only after every live worker has
         # left the first barrier, so none of them loses the store mid-wait.
         rendezvous.barrier(
-            state.store, "torchrpc/shutdown/2", rank, n, timeout, wait=rank == 0,
+            state.store, "torchrpc/shutdown/2", rank, n, left(), wait=rank == 0,
             gone=lambda: gone_before,
         )
     if lost:

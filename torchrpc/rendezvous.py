@@ -146,7 +146,7 @@ def barrier(store, key: str, rank: int, world_size: int, timeout: float, wait: b
     next_probe = 0.0
     try:
         # A store whose host died must fail fast, not retry for init_timeout.
-        store.set_timeout(timedelta(seconds=min(timeout, 5.0)))
+        store.set_timeout(timedelta(seconds=max(0.5, min(timeout, 5.0))))
         store.set(f"{key}/{rank}", "1")
         count = store.add(key, 1)
         while wait and waiting and time.monotonic() < deadline:

@@ -167,8 +167,10 @@ std::shared_ptr<Connection> Agent::connectionTo(int64_t to) {
     lost_.emplace(to, why);
   }
   lostCount_ = lost_.size();
+  const bool lost = !conn && lost_.count(to);
   connCv_.notify_all();
   g.unlock();
+  if (lost) rrefs_->onPeerLost(to);
   if (failure) std::rethrow_exception(failure);
   return conn;
 }
@@ -222,8 +224,10 @@ FuturePtr Agent::send(int64_t to, Message&& request, double timeoutSeconds, cons
     if (pending_.empty()) idleCv_.notify_all();
     g.unlock();
     if (e.kind() == ErrorKind::kPeerLost || e.kind() == ErrorKind::kAuth || e.kind() == ErrorKind::kShutdown) {
-      future->setError(std::make_exception_ptr(RpcError(
-          e.kind(), "torchrpc: calling '" + what + "' on worker '" + peer.name + "': " + e.what())));
+      std::string why = e.what();
+      if (why.rfind("torchrpc: ", 0) == 0) why = why.substr(10);
+      future->setError(std::make_exception_ptr(
+          RpcError(e.kind(), "torchrpc: calling '" + what + "' on worker '" + peer.name + "': " + why)));
     } else {
       throw;  // the request itself could not be encoded: the caller's mistake
     }
@@ -474,7 +478,7 @@ std::optional<Message> Agent::runRequest(Message& request, int64_t from, const R
       ReceivedForks forks;
       auto call = ScriptRemoteCall::fromMessage(request);
       forks.waitConfirmed();
-      auto owner = rrefs_->ownerForRemoteCall(call->rrefId(), call->forkId(), false);
+      auto owner = rrefs_->ownerForRemoteCall(call->rrefId(), call->forkId(), false, from);
       try {
         completeOwnerWith(owner, runScript(*call));
       } catch (...) {
@@ -488,7 +492,7 @@ std::optional<Message> Agent::runRequest(Message& request, int64_t from, const R
     case MessageType::kPythonRemoteCall: {
       if (!options_.pythonUdf || !python_.runRemote) throw pythonDisabled();
       auto call = PythonRemoteCall::fromMessage(request);
-      auto owner = rrefs_->ownerForRemoteCall(call->rrefId(), call->forkId(), true);
+      auto owner = rrefs_->ownerForRemoteCall(call->rrefId(), call->forkId(), true, from);
       try {
         completeFrom(python_.runRemote(std::move(call->value())), owner->valueFuture());
       } catch (...) {
@@ -532,7 +536,7 @@ std::optional<Message> Agent::runRequest(Message& request, int64_t from, const R
     }
     case MessageType::kRRefForkRequest: {
       auto m = RRefForkRequest::fromMessage(request);
-      rrefs_->onForkRequest(m->rrefId(), m->forkId());
+      rrefs_->onForkRequest(m->rrefId(), m->forkId(), from);
       return RRefAck().toMessage();
     }
     case MessageType::kRRefUserDelete: {
@@ -696,6 +700,7 @@ void Agent::failPending(const std::function<bool(const Pending&)>& which, ErrorK
 void Agent::onClosed(const std::shared_ptr<Connection>& conn, CloseReason reason, const std::string& why) {
   const int64_t peer = conn->peerId();
   bool outgoing = false;
+  bool newlyLost = false;
   {
     std::lock_guard<std::mutex> g(connMu_);
     auto it = outgoing_.find(peer);
@@ -713,8 +718,10 @@ void Agent::onClosed(const std::shared_ptr<Connection>& conn, CloseReason reason
     if (counts && !left_.count(peer) && !stopped_.load()) {
       lost_[peer] = why;
       lostCount_ = lost_.size();
+      newlyLost = true;
     }
   }
+  if (newlyLost) rrefs_->onPeerLost(peer);
   // Only calls on the connection that broke fail: another connection from
   // the same id closing (a second dial, a misbehaving client holding the
   // secret) says nothing about ours.

@@ -210,7 +210,7 @@ c10::IValue RRefContext::fork(const RRefPtr& rref) {
     if (rref->isOwner()) {
       OwnerEntry& e = owners_[rref->id()];
       if (!e.rref) e.rref = rref;
-      e.forks.insert(forkId);
+      e.forks.emplace(forkId, tlsSendingTo);
     } else {
       children_[forkId] = rref;  // kept alive until the child is confirmed
     }
@@ -271,13 +271,13 @@ RRefPtr RRefContext::unfork(const c10::IValue& info) {
   return user;
 }
 
-RRefPtr RRefContext::ownerForRemoteCall(const RRefId& id, const ForkId& forkId, bool isPython) {
+RRefPtr RRefContext::ownerForRemoteCall(const RRefId& id, const ForkId& forkId, bool isPython, int64_t holder) {
   std::lock_guard<std::mutex> g(mu_);
   RRefPtr owner = getOrCreateOwnerLocked(id, isPython);
   OwnerEntry& e = owners_[id];
   e.awaitingRemoteCall = false;
   owner->setIsPython(isPython);
-  if (!(forkId == kNoFork)) e.forks.insert(forkId);
+  if (!(forkId == kNoFork)) e.forks.emplace(forkId, holder);
   return owner;
 }
 
@@ -288,13 +288,13 @@ RRefPtr RRefContext::ownerForFetch(const RRefId& id) {
   return ownerAheadOfCreationLocked(id);
 }
 
-void RRefContext::onForkRequest(const RRefId& id, const ForkId& forkId) {
+void RRefContext::onForkRequest(const RRefId& id, const ForkId& forkId, int64_t holder) {
   std::lock_guard<std::mutex> g(mu_);
   // A retried or duplicated request for a fork already deleted must not
   // bring its value back.
   if (deletedForks_.count(forkId)) return;
   ownerAheadOfCreationLocked(id);
-  owners_[id].forks.insert(forkId);
+  owners_[id].forks.emplace(forkId, holder);
 }
 
 void RRefContext::onUserDelete(const RRefId& id, const ForkId& forkId) {
@@ -353,6 +353,39 @@ c10::intrusive_ptr<c10::ivalue::Future> RRefContext::fetch(const RRefPtr& rref, 
   Message m = rref->isPython() ? PythonRRefFetchCall(rref->id(), self).toMessage()
                                : ScriptRRefFetchCall(rref->id(), self).toMessage();
   return agent_.send(rref->ownerId(), std::move(m), timeoutSeconds, "RRef.to_here");
+}
+
+void RRefContext::onPeerLost(int64_t peer) {
+  std::vector<RRefPtr> drop;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    std::vector<RRefId> touched;
+    for (auto& [id, e] : owners_) {
+      for (auto it = e.forks.begin(); it != e.forks.end();) {
+        if (it->second == peer) {
+          it = e.forks.erase(it);
+        } else {
+          ++it;
+        }
+      }
+      touched.push_back(id);
+    }
+    for (const RRefId& id : touched) {
+      if (auto r = maybeEraseLocked(id)) drop.push_back(std::move(r));
+    }
+    for (auto it = children_.begin(); it != children_.end();) {
+      if (it->second->ownerId() == peer) {
+        drop.push_back(std::move(it->second));
+        it = children_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    for (auto it = unconfirmed_.begin(); it != unconfirmed_.end();) {
+      it = it->second.ownerId == peer ? unconfirmed_.erase(it) : std::next(it);
+    }
+  }
+  // Dropped outside the lock: RRef destructors take it.
 }
 
 void RRefContext::clear() {

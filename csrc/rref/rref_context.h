@@ -92,11 +92,16 @@ class RRefContext : public std::enable_shared_from_this<RRefContext> {
 
   // Owner side of the protocol. Each returns the reply to send.
   // SCRIPT/PYTHON_REMOTE_CALL: the owner entry that will hold the value.
-  RRefPtr ownerForRemoteCall(const RRefId& id, const ForkId& forkId, bool isPython);
+  // `holder` is the worker that holds the fork (the caller).
+  RRefPtr ownerForRemoteCall(const RRefId& id, const ForkId& forkId, bool isPython, int64_t holder);
   // The owner entry to fetch from, created if the remote() that makes it
   // has not been served yet.
   RRefPtr ownerForFetch(const RRefId& id);
-  void onForkRequest(const RRefId& id, const ForkId& forkId);
+  void onForkRequest(const RRefId& id, const ForkId& forkId, int64_t holder);
+  // `peer` was declared lost: the forks it held of our values are released,
+  // and so are the references we kept for it (children it would confirm,
+  // users of values it owns awaiting confirmation).
+  void onPeerLost(int64_t peer);
   void onUserDelete(const RRefId& id, const ForkId& forkId);
   void onChildAccept(const ForkId& forkId);
 
@@ -115,7 +120,9 @@ class RRefContext : public std::enable_shared_from_this<RRefContext> {
  private:
   struct OwnerEntry {
     RRefPtr rref;
-    std::unordered_set<ForkId, GloballyUniqueIdHash> forks;
+    // Each fork and the worker holding it (-1 where the owner sent the fork
+    // itself and did not learn where it went).
+    std::unordered_map<ForkId, int64_t, GloballyUniqueIdHash> forks;
     int64_t creating = 0;  // remote() calls still producing the value
     // Made by a fork request or fetch that overtook the remote() call which
     // creates the value (requests run concurrently); kept until that call.
