@@ -37,6 +37,7 @@ FAULTS_OF_RANK = [
 ]
 CALL_TIMEOUT = 20.0  # seconds: a fork waits for its confirmation (retried 1, 2, 4 s ...)
 SETTLE_LIMIT = 30.0  # seconds: a dropped control message is retried after 1 to 8 s
+TRACE = []
 PROTOCOL_KEYS = ("owned_values", "user_forks", "pending_children", "unconfirmed_users")
 
 
@@ -64,9 +65,15 @@ def settle_protocol(limit=SETTLE_LIMIT):
     """Polls every worker's debug_info until the RRef protocol's tables are
     empty there, or `limit` seconds pass; returns the last counts seen."""
     deadline = time.monotonic() + limit
+    t0 = time.monotonic()
+    last = None
     while True:
         gc.collect()
         seen = {w: torchrpc.rpc_sync(w, counts, timeout=5.0) for w in WORKERS}
+        snap = {w: {k: v for k, v in c.items() if v} for w, c in seen.items()}
+        if snap != last:
+            TRACE.append((round(time.monotonic() - t0, 2), snap))
+            last = snap
         done = all(c[k] == 0 for c in seen.values() for k in PROTOCOL_KEYS)
         if done or time.monotonic() > deadline:
             return seen
@@ -174,6 +181,8 @@ def body_faulty_state_machine(rank):
             t0 = time.monotonic()
             seen = settle_protocol()
             stats["settle_s"].append(round(time.monotonic() - t0, 2))
+            if time.monotonic() - t0 > 3: stats.setdefault("slow", []).append(list(TRACE))
+            TRACE.clear()
             for worker, c in seen.items():
                 assert all(c[k] == 0 for k in PROTOCOL_KEYS), (
                     f"{worker} still has RRef protocol state {SETTLE_LIMIT} s after every "
@@ -192,7 +201,7 @@ def test_rref_protocol_state_machine_under_faults():
     t0 = time.monotonic()
     options = [{"python_udf": True, "faults": f} for f in FAULTS_OF_RANK]
     stats = run_workers(body_faulty_state_machine, 3, options=options, timeout=180)[0]
-    print(f"examples: {stats['examples']}, settle seconds: {stats['settle_s']}, "
+    print(f"examples: {stats['examples']}, settle seconds: {stats['settle_s']}, {stats.get('slow')}"
           f"took {time.monotonic() - t0:.1f} s")
     assert stats["examples"] >= 1
     assert time.monotonic() - t0 < 180
