@@ -522,3 +522,32 @@ def test_timed_out_call_is_dropped_by_the_callee(tmp_path):
     assert out["blocker"][0] == "ok", out["blocker"]
     assert not (tmp_path / "timed-out-udf").exists(), "w1 ran a Python call after its timeout"
     assert out["script_ran"] is False, "w1 ran a script call after its timeout"
+
+
+# -- a busy peer is not a lost one ----------------------------------------------------------
+
+
+def spin_holding_the_gil(seconds):
+    """Pure Python for `seconds`: the GIL is busy, the worker's C++ is not."""
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        n += 1
+    return n
+
+
+def cmd_call_spinning_peer(seconds):
+    import torchrpc
+
+    value = torchrpc.rpc_sync("w1", spin_holding_the_gil, (seconds,), timeout=seconds + 10)
+    return {"value": value, "lost": torchrpc.debug_info()["lost_peers"]}
+
+
+@hard_timeout(40)
+def test_heartbeats_flow_while_python_holds_the_gil():
+    # w1 runs Python for three peer timeouts; its heartbeats (C++) keep flowing.
+    options = {"python_udf": True, "peer_timeout": 1.0, "heartbeat_interval": 0.25}
+    with World(2, options=options) as world:
+        out = world.do(0, cmd_call_spinning_peer, 3.0, timeout=30)
+    assert out["value"] > 0
+    assert out["lost"] == {}, out["lost"]
