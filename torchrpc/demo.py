@@ -113,7 +113,7 @@ def tour(world_size: int):
         say("timeout", "DID NOT TIME OUT (unexpected)")
     except torchrpc.RpcTimeoutError as e:
         say("timeout", f"caught RpcTimeoutError after {time.perf_counter() - t0:.2f} s: {e}")
-    say("", "(the callee still finishes its 1 s sleep; the late reply is dropped)")
+    say("", "(the caller sent CANCEL: the callee finishes its 1 s sleep, then sends no reply)")
 
     r = torchrpc.remote(w1, scripted_ops.add, (torch.ones(2), torch.ones(2)))
     total = torchrpc.rpc_sync(w2, torch.sum, (r.to_here(),))
