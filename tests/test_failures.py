@@ -23,9 +23,7 @@ compared across processes with time.monotonic() (CLOCK_MONOTONIC is
 system-wide on Linux).
 """
 
-import functools
 import json
-import multiprocessing as mp
 import os
 import re
 import signal
@@ -34,11 +32,11 @@ import sys
 import textwrap
 import threading
 import time
-import traceback
 import warnings
 
 import torch
 from rpc_harness import free_port
+from worlds import World, hard_timeout
 
 import scripted_ops
 import torchrpc
@@ -52,147 +50,6 @@ LOST_WITHIN = PEER_TIMEOUT + SLACK  # a lost peer's calls fail, and shutdown ret
 SHUTDOWN_TIMEOUT = 4.0
 INIT_TIMEOUT = 3.0
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-_CTX = mp.get_context("spawn")
-
-
-# -- hard timeouts ---------------------------------------------------------------
-
-
-def hard_timeout(seconds):
-    """Fails the test (and so runs its finally blocks) after `seconds`."""
-
-    def deco(fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            def on_alarm(signum, frame):
-                raise TimeoutError(f"{fn.__name__} exceeded its hard timeout of {seconds} s")
-
-            old = signal.signal(signal.SIGALRM, on_alarm)
-            signal.alarm(seconds)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                signal.alarm(0)
-                signal.signal(signal.SIGALRM, old)
-
-        return wrapper
-
-    return deco
-
-
-# -- worker processes driven by commands ------------------------------------------
-
-
-def _child_main(rank, world_size, port, options, after_ready, conn):
-    """A worker: init_rpc, report its pid, run after_ready() (which may raise:
-    the process then exits as a script would), then run commands."""
-    try:
-        torchrpc.init_rpc(
-            f"w{rank}", rank=rank, world_size=world_size,
-            init_method=f"tcp://127.0.0.1:{port}",
-            options=torchrpc.RpcOptions(**options),
-        )
-        conn.send(("ready", {"pid": os.getpid()}))
-    except BaseException:
-        conn.send(("error", traceback.format_exc()))
-        os._exit(1)
-    if after_ready is not None:
-        after_ready()  # an exception here ends the process the ordinary way
-    while True:
-        try:
-            fn, args = conn.recv()
-        except (EOFError, OSError):
-            break
-        if fn is None:
-            break
-        try:
-            conn.send(("ok", fn(*args)))
-        except BaseException:
-            conn.send(("error", traceback.format_exc()))
-    os._exit(0)
-
-
-class World:
-    """`world_size` workers w0..w{n-1} in spawned processes, on loopback.
-    options: RpcOptions kwargs for all ranks or a list per rank."""
-
-    def __init__(self, world_size, options=None, after_ready=None, timeout=90):
-        port = free_port()
-        per_rank = options if isinstance(options, list) else [options or {}] * world_size
-        after_ready = after_ready or {}
-        self.procs, self.conns, self.info = [], [], [None] * world_size
-        try:
-            for r in range(world_size):
-                parent_end, child_end = _CTX.Pipe()
-                p = _CTX.Process(
-                    target=_child_main,
-                    args=(r, world_size, port, per_rank[r], after_ready.get(r), child_end),
-                    daemon=True,
-                )
-                p.start()
-                child_end.close()
-                self.procs.append(p)
-                self.conns.append(parent_end)
-            for r in range(world_size):
-                kind, value = self._recv(r, timeout)
-                if kind != "ready":
-                    raise AssertionError(f"worker w{r} failed to start:\n{value}")
-                self.info[r] = value
-        except BaseException:
-            self.close()
-            raise
-
-    def pid(self, rank):
-        return self.info[rank]["pid"]
-
-    def _recv(self, rank, timeout):
-        conn = self.conns[rank]
-        if not conn.poll(timeout):
-            raise AssertionError(f"worker w{rank} did not answer within {timeout} s")
-        try:
-            return conn.recv()
-        except EOFError:
-            raise AssertionError(
-                f"worker w{rank} died (exit code {self.procs[rank].exitcode})"
-            ) from None
-
-    def send(self, rank, fn, *args):
-        self.conns[rank].send((fn, args))
-
-    def recv(self, rank, timeout=60):
-        kind, value = self._recv(rank, timeout)
-        if kind != "ok":
-            raise AssertionError(f"command on worker w{rank} failed:\n{value}")
-        return value
-
-    def do(self, rank, fn, *args, timeout=60):
-        self.send(rank, fn, *args)
-        return self.recv(rank, timeout)
-
-    def recv_all(self, ranks, within):
-        """The results of commands sent to `ranks`, all due within `within` s."""
-        deadline = time.monotonic() + within
-        return [self.recv(r, max(0.0, deadline - time.monotonic())) for r in ranks]
-
-    def close(self):
-        for p in self.procs:
-            if p.is_alive():
-                try:
-                    os.kill(p.pid, signal.SIGCONT)  # a stopped child must not linger
-                except OSError:
-                    pass
-                p.kill()
-        for p in self.procs:
-            p.join(timeout=10)
-        for c in self.conns:
-            c.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 # -- functions the workers call on each other ----------------------------------------

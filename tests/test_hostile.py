@@ -24,19 +24,15 @@ the result. Every test has a hard timeout (SIGALRM) and every child is
 killed when its world closes, so nothing can hang the suite.
 """
 
-import functools
-import multiprocessing as mp
 import os
 import random
 import resource
-import signal
 import socket
 import time
-import traceback
 
 import pytest
 import torch
-from rpc_harness import free_port
+from worlds import World, hard_timeout
 
 import torchrpc
 from torchrpc import messages, python_udf
@@ -48,159 +44,6 @@ CALL_LIMIT = 2.0  # every normal call from w1 after an attack completes within t
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MiB = 1 << 20
 PAYLOAD = 5  # index of payloadBytes in torchrpc.testing.HEADER
-
-_CTX = mp.get_context("spawn")
-
-
-# -- hard timeouts -------------------------------------------------------------
-
-
-def hard_timeout(seconds):
-    """Fails the test (and so runs its finally blocks) after `seconds`."""
-
-    def deco(fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            def on_alarm(signum, frame):
-                raise TimeoutError(f"{fn.__name__} exceeded its hard timeout of {seconds} s")
-
-            old = signal.signal(signal.SIGALRM, on_alarm)
-            signal.alarm(seconds)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                signal.alarm(0)
-                signal.signal(signal.SIGALRM, old)
-
-        return wrapper
-
-    return deco
-
-
-# -- worker processes driven by commands ----------------------------------------
-
-
-def _child_main(rank, world_size, port, options, env, stderr_path, conn):
-    """A worker: init_rpc, report pid and address, then run commands until told to stop."""
-    if stderr_path:
-        fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(fd, 2)
-        os.close(fd)
-    for key in ("TORCHRPC_SECRET", "TORCHRPC_SECRET_FILE"):
-        os.environ.pop(key, None)  # only what this test gives the worker
-    os.environ.update(env or {})
-    try:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        want = 4096 if hard == resource.RLIM_INFINITY else min(4096, hard)
-        if soft < want:  # room for 1,000 connections (test d)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-        torchrpc.init_rpc(
-            f"w{rank}", rank=rank, world_size=world_size,
-            init_method=f"tcp://127.0.0.1:{port}",
-            options=torchrpc.RpcOptions(**options),
-        )
-        address = torchrpc.api._current().agent.address
-        conn.send(("ready", {"pid": os.getpid(), "address": address}))
-    except BaseException:
-        conn.send(("error", traceback.format_exc()))
-        os._exit(1)
-    while True:
-        try:
-            fn, args = conn.recv()
-        except (EOFError, OSError):
-            break
-        if fn is None:
-            break
-        try:
-            conn.send(("ok", fn(*args)))
-        except BaseException:
-            conn.send(("error", traceback.format_exc()))
-    os._exit(0)
-
-
-class World:
-    """`world_size` workers w0..w{n-1} in spawned processes, on loopback.
-
-    options: RpcOptions kwargs per rank (a list) or for all; env: extra
-    environment per rank; stderr_paths: a file per rank to send its stderr to.
-    """
-
-    def __init__(self, world_size, options=None, env=None, stderr_paths=None, timeout=90):
-        port = free_port()
-        per_rank = options if isinstance(options, list) else [options or {}] * world_size
-        env = env or [{}] * world_size
-        stderr_paths = stderr_paths or [None] * world_size
-        self.procs, self.conns, self.info = [], [], [None] * world_size
-        try:
-            for r in range(world_size):
-                parent_end, child_end = _CTX.Pipe()
-                p = _CTX.Process(
-                    target=_child_main,
-                    args=(r, world_size, port, per_rank[r], env[r], stderr_paths[r], child_end),
-                    daemon=True,
-                )
-                p.start()
-                child_end.close()
-                self.procs.append(p)
-                self.conns.append(parent_end)
-            for r in range(world_size):
-                kind, value = self._recv(r, timeout)
-                if kind != "ready":
-                    raise AssertionError(f"worker w{r} failed to start:\n{value}")
-                self.info[r] = value
-        except BaseException:
-            self.close()
-            raise
-
-    def pid(self, rank):
-        return self.info[rank]["pid"]
-
-    def address(self, rank):
-        host, port = self.info[rank]["address"].rsplit(":", 1)
-        return host.strip("[]"), int(port)
-
-    def _recv(self, rank, timeout):
-        conn = self.conns[rank]
-        if not conn.poll(timeout):
-            raise AssertionError(f"worker w{rank} did not answer within {timeout} s")
-        try:
-            return conn.recv()
-        except EOFError:
-            raise AssertionError(
-                f"worker w{rank} died (exit code {self.procs[rank].exitcode})"
-            ) from None
-
-    def send(self, rank, fn, *args):
-        self.conns[rank].send((fn, args))
-
-    def recv(self, rank, timeout=60):
-        kind, value = self._recv(rank, timeout)
-        if kind != "ok":
-            raise AssertionError(f"command on worker w{rank} failed:\n{value}")
-        return value
-
-    def do(self, rank, fn, *args, timeout=60):
-        """Runs fn(*args) on worker `rank` and returns its result."""
-        self.send(rank, fn, *args)
-        return self.recv(rank, timeout)
-
-    def alive(self, rank):
-        return self.procs[rank].is_alive()
-
-    def close(self):
-        for p in self.procs:
-            if p.is_alive():
-                p.kill()
-        for p in self.procs:
-            p.join(timeout=10)
-        for c in self.conns:
-            c.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 # -- commands (run in the workers) ----------------------------------------------
