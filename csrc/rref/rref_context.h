@@ -145,7 +145,7 @@ class RRefContext : public std::enable_shared_from_this<RRefContext> {
   std::unordered_map<ForkId, RRefPtr, GloballyUniqueIdHash> children_;
   // Forks whose USER_DELETE arrived, remembered so that a late duplicate of
   // their FORK_REQUEST is ignored (bounded; oldest forgotten first).
-  static constexpr size_t kRememberedDeletes = 1 << 16;
+  static constexpr size_t kRememberedDeletes = 1 << 14;
   std::unordered_set<ForkId, GloballyUniqueIdHash> deletedForks_;
   std::deque<ForkId> deletedOrder_;
   struct Unconfirmed {
