@@ -277,7 +277,15 @@ RRefPtr RRefContext::ownerForRemoteCall(const RRefId& id, const ForkId& forkId, 
   OwnerEntry& e = owners_[id];
   e.awaitingRemoteCall = false;
   owner->setIsPython(isPython);
-  if (!(forkId == kNoFork)) e.forks.emplace(forkId, holder);
+  // A USER_DELETE that overtook this call (the caller timed out and dropped
+  // its RRef) already released the fork: do not hold the value for it.
+  if (!(forkId == kNoFork)) {
+    if (deletedForks_.count(forkId)) {
+      maybeEraseLocked(id);  // nobody else wants it: it lives until this call answers
+    } else {
+      e.forks.emplace(forkId, holder);
+    }
+  }
   return owner;
 }
 
