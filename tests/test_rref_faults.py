@@ -9,11 +9,14 @@ fetch exactly the right values and end with every worker's RRef tables
 empty. A dropped user call surfaces as its timeout, never a hang.
 """
 
+import collections
+import faulthandler
 import functools
 import gc
+import sys
+import threading
 import time
 
-import pytest
 import torch
 from rpc_harness import run_workers
 from test_rref import counts, drop, fetch_held, forward_held, hold
@@ -91,6 +94,19 @@ def settle_protocol(limit=SETTLE_LIMIT):
         time.sleep(0.1)
 
 
+# The driver's recent steps, for the report of a stall (see watchdog).
+_trace = collections.deque(maxlen=40)
+STALL_S = 90.0  # no step can take this long: every call has a timeout
+
+
+def trace(*what):
+    _trace.append((time.monotonic(), " ".join(map(str, what))))
+
+
+def describe(r, v):
+    return f"<RRef owned by {r.owner_name()} of {v[0].item():g}>"
+
+
 def step(fn):
     """Marks a rule or invariant as running, so that teardown knows whether
     the example ended early (a failure holds references in its traceback:
@@ -98,11 +114,38 @@ def step(fn):
 
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
+        trace(fn.__name__, {k: v for k, v in kwargs.items() if k != "data"})
         self.busy = True
         fn(self, *args, **kwargs)
         self.busy = False
 
     return wrapper
+
+
+def start_watchdog():
+    """Should the driver make no progress for STALL_S seconds, writes to
+    stderr its recent steps, its threads' stacks and every worker's counts,
+    which the failure report then shows (the harness times the run out)."""
+
+    def watch():
+        while True:
+            time.sleep(2.0)
+            if not _trace or time.monotonic() - _trace[-1][0] < STALL_S:
+                continue
+            now = time.monotonic()
+            lines = [f"  {t - now:+.1f} s {what}" for t, what in list(_trace)]
+            print("test_rref_faults: the driver stalled; its last steps:\n" + "\n".join(lines),
+                  file=sys.stderr, flush=True)
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            for w in WORKERS:
+                try:
+                    c = torchrpc.rpc_sync(w, counts, timeout=5.0)
+                except Exception as e:  # noqa: BLE001 (a report, best effort)
+                    c = repr(e)
+                print(f"  {w}: {c}", file=sys.stderr, flush=True)
+            return
+
+    threading.Thread(target=watch, daemon=True, name="stall-watchdog").start()
 
 
 def body_faulty_state_machine(rank):
@@ -116,6 +159,7 @@ def body_faulty_state_machine(rank):
     peers = st.sampled_from(["w1", "w2"])
     keys = st.sampled_from(["a", "b"])
     stats = {"examples": 0, "settle_s": []}
+    start_watchdog()
 
     class FaultyRRefProtocol(RuleBasedStateMachine):
         """Create / fork / park / relay / fetch / drop while the transports
@@ -128,6 +172,7 @@ def body_faulty_state_machine(rank):
             self.counter = 0
             self.busy = False
             stats["examples"] += 1
+            trace("example", stats["examples"])
 
         @rule(owner=st.sampled_from(list(WORKERS)), how=st.sampled_from(sorted(MAKERS)))
         @step
@@ -145,6 +190,7 @@ def body_faulty_state_machine(rank):
             """A remote() whose argument is an RRef: the owner of the new value
             gets a fork of the old one and fetches it before running."""
             r, v = data.draw(st.sampled_from(self.refs))
+            trace("  of", describe(r, v))
             self.refs.append((torchrpc.remote(owner, fetch_value, (r,), timeout=CALL_TIMEOUT), v))
 
         @precondition(lambda self: self.refs)
@@ -153,6 +199,7 @@ def body_faulty_state_machine(rank):
         def fork(self, data, to):
             """Sends an RRef to another worker (maybe its owner), which fetches it."""
             r, v = data.draw(st.sampled_from(self.refs))
+            trace("  sends", describe(r, v))
             got = torchrpc.rpc_sync(to, fetch_value, (r,), timeout=CALL_TIMEOUT)
             assert same(got, v), (to, r.owner_name(), got, v)
 
@@ -161,6 +208,7 @@ def body_faulty_state_machine(rank):
         @step
         def park(self, data, where, key):
             r, v = data.draw(st.sampled_from(self.refs))
+            trace("  parks", describe(r, v))
             torchrpc.rpc_sync(where, hold, (key, r), timeout=CALL_TIMEOUT)
             self.parked[(where, key)] = v
 
@@ -170,6 +218,7 @@ def body_faulty_state_machine(rank):
         def relay(self, data, to, new_key):
             """A parked RRef forked onward by its holder (a user or the owner)."""
             where, key = data.draw(st.sampled_from(sorted(self.parked)))
+            trace("  from", where, key)
             torchrpc.rpc_sync(where, forward_held, (key, to, new_key), timeout=CALL_TIMEOUT)
             self.parked[(to, new_key)] = self.parked[(where, key)]
 
@@ -178,6 +227,7 @@ def body_faulty_state_machine(rank):
         @step
         def unpark(self, data):
             where, key = data.draw(st.sampled_from(sorted(self.parked)))
+            trace("  at", where, key)
             torchrpc.rpc_sync(where, drop, (key,), timeout=CALL_TIMEOUT)
             del self.parked[(where, key)]
 
@@ -186,6 +236,7 @@ def body_faulty_state_machine(rank):
         @step
         def fetch(self, data):
             r, v = data.draw(st.sampled_from(self.refs))
+            trace("  of", describe(r, v))
             got = r.to_here(timeout=CALL_TIMEOUT)
             assert same(got, v), (r.owner_name(), got, v)
 
@@ -194,6 +245,7 @@ def body_faulty_state_machine(rank):
         @step
         def fetch_parked(self, data):
             where, key = data.draw(st.sampled_from(sorted(self.parked)))
+            trace("  at", where, key)
             got = torchrpc.rpc_sync(where, fetch_held, (key,), timeout=CALL_TIMEOUT)
             assert same(got, self.parked[(where, key)]), (where, key, got)
 
@@ -201,7 +253,8 @@ def body_faulty_state_machine(rank):
         @rule(data=st.data())
         @step
         def drop_local(self, data):
-            r, _ = self.refs.pop(data.draw(st.integers(0, len(self.refs) - 1)))
+            r, v = self.refs.pop(data.draw(st.integers(0, len(self.refs) - 1)))
+            trace("  drops", describe(r, v))
             del r
             gc.collect()
 
@@ -213,13 +266,16 @@ def body_faulty_state_machine(rank):
                 assert same(r.to_here(timeout=CALL_TIMEOUT), v)
 
         def teardown(self):
+            trace("teardown")
             self.refs.clear()
             if self.busy:
                 return  # a step failed: hypothesis reports that failure
             for where, key in list(self.parked):
+                trace("  unparks", where, key)
                 torchrpc.rpc_sync(where, drop, (key,), timeout=CALL_TIMEOUT)
             self.parked.clear()
             gc.collect()
+            trace("  settles")
             t0 = time.monotonic()
             seen, history = settle_protocol()
             stats["settle_s"].append(round(time.monotonic() - t0, 1))
@@ -262,7 +318,7 @@ def body_dropped_calls(rank):
     if rank != 0:
         return None
     x = value_of(1)
-    out = {"start": time.time()}
+    out = {}
     t0 = time.monotonic()
     try:
         torchrpc.rpc_sync("w1", scripted_ops.echo, (x,), timeout=1)
@@ -279,7 +335,6 @@ def body_dropped_calls(rank):
     del r
     # The connection still carries what is not dropped.
     out["python_call"] = torchrpc.rpc_sync("w1", make_pair, (x,), timeout=10)
-    out["end"] = time.time()
     return out
 
 
@@ -288,9 +343,7 @@ def test_dropped_call_surfaces_as_its_timeout():
         {"python_udf": True, "faults": "SCRIPT_CALL:drop:1.0,SCRIPT_RREF_FETCH_CALL:drop:1.0"},
         {"python_udf": True},
     ]
-    t0 = time.time()
     out = run_workers(body_dropped_calls, 2, options=options, timeout=60)[0]
-    print("PHASES", round(out["start"] - t0, 2), round(out["end"] - out["start"], 2), round(time.time() - out["end"], 2))
     kind, took, *_ = out["call"]
     assert kind == "timeout" and took < 2.0, out["call"]
     kind, took, *_ = out["fetch"]
