@@ -101,6 +101,8 @@ STALL_S = 90.0  # no step can take this long: every call has a timeout
 
 def trace(*what):
     _trace.append((time.monotonic(), " ".join(map(str, what))))
+    # Python stacks even if the process deadlocks holding the GIL.
+    faulthandler.dump_traceback_later(STALL_S, exit=False)
 
 
 def describe(r, v):
