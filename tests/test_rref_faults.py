@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 
+import pytest
 import torch
 from rpc_harness import run_workers
 from test_rref import counts, drop, fetch_held, forward_held, hold
@@ -96,7 +97,7 @@ def settle_protocol(limit=SETTLE_LIMIT):
 
 # The driver's recent steps, for the report of a stall (see watchdog).
 _trace = collections.deque(maxlen=40)
-STALL_S = 90.0  # no step can take this long: every call has a timeout
+STALL_S = 60.0  # no step takes this long: every call times out within CALL_TIMEOUT
 
 
 def trace(*what):
@@ -127,11 +128,12 @@ def step(fn):
 def start_watchdog():
     """Should the driver make no progress for STALL_S seconds, writes to
     stderr its recent steps, its threads' stacks and every worker's counts,
-    which the failure report then shows (the harness times the run out)."""
+    which the failure report then shows (the harness times the run out).
+    Returns the function that stops it."""
+    stop = threading.Event()
 
     def watch():
-        while True:
-            time.sleep(2.0)
+        while not stop.wait(2.0):
             if not _trace or time.monotonic() - _trace[-1][0] < STALL_S:
                 continue
             now = time.monotonic()
@@ -149,6 +151,12 @@ def start_watchdog():
 
     threading.Thread(target=watch, daemon=True, name="stall-watchdog").start()
 
+    def stop_watchdog():
+        stop.set()
+        faulthandler.cancel_dump_traceback_later()
+
+    return stop_watchdog
+
 
 def body_faulty_state_machine(rank):
     if rank != 0:
@@ -161,7 +169,6 @@ def body_faulty_state_machine(rank):
     peers = st.sampled_from(["w1", "w2"])
     keys = st.sampled_from(["a", "b"])
     stats = {"examples": 0, "settle_s": []}
-    start_watchdog()
 
     class FaultyRRefProtocol(RuleBasedStateMachine):
         """Create / fork / park / relay / fetch / drop while the transports
@@ -270,12 +277,16 @@ def body_faulty_state_machine(rank):
         def teardown(self):
             trace("teardown")
             self.refs.clear()
-            if self.busy:
-                return  # a step failed: hypothesis reports that failure
             for where, key in list(self.parked):
                 trace("  unparks", where, key)
-                torchrpc.rpc_sync(where, drop, (key,), timeout=CALL_TIMEOUT)
+                try:
+                    torchrpc.rpc_sync(where, drop, (key,), timeout=CALL_TIMEOUT)
+                except Exception:
+                    if not self.busy:
+                        raise
             self.parked.clear()
+            if self.busy:
+                return  # a step failed: hypothesis reports that failure
             gc.collect()
             trace("  settles")
             t0 = time.monotonic()
@@ -287,15 +298,19 @@ def body_faulty_state_machine(rank):
                     f"reference was dropped: {seen}; non-zero counts over time: {history}"
                 )
 
-    run_state_machine_as_test(
-        FaultyRRefProtocol,
-        settings=settings(
-            max_examples=5, stateful_step_count=15, deadline=None, database=None,
-            # Faults are random: a failure does not replay, so no shrinking.
-            phases=[Phase.explicit, Phase.generate], report_multiple_bugs=False,
-            suppress_health_check=list(HealthCheck),
-        ),
-    )
+    stop_watchdog = start_watchdog()
+    try:
+        run_state_machine_as_test(
+            FaultyRRefProtocol,
+            settings=settings(
+                max_examples=5, stateful_step_count=15, deadline=None, database=None,
+                # Faults are random: a failure does not replay, so no shrinking.
+                phases=[Phase.explicit, Phase.generate], report_multiple_bugs=False,
+                suppress_health_check=list(HealthCheck),
+            ),
+        )
+    finally:
+        stop_watchdog()
     return stats
 
 
@@ -303,7 +318,7 @@ def test_rref_protocol_state_machine_under_faults():
     t0 = time.monotonic()
     options = [{"python_udf": True, "faults": f} for f in FAULTS_OF_RANK]
     # run_workers kills the workers after `timeout` s: nothing can hang the suite.
-    stats = run_workers(body_faulty_state_machine, 3, options=options, timeout=240)[0]
+    stats = run_workers(body_faulty_state_machine, 3, options=options, timeout=150)[0]
     print(f"{stats['examples']} examples in {time.monotonic() - t0:.1f} s; "
           f"seconds to settle: {stats['settle_s']}")
     assert stats["examples"] >= 1
@@ -385,3 +400,34 @@ def test_remote_that_timed_out_awaiting_confirmation_leaks_nothing():
     assert timed_out
     for worker, c in seen.items():
         assert all(c[k] == 0 for k in PROTOCOL_KEYS), (worker, seen, history)
+
+
+# -- a delayed send must not deadlock with the GIL -------------------------------
+
+
+def body_delay_churn(rank):
+    if rank != 0:
+        return None
+    t0 = time.monotonic()
+    sent = 0
+    while time.monotonic() - t0 < 3.0:
+        refs = [torchrpc.remote("w1", scripted_ops.echo, (torch.ones(1),)) for _ in range(50)]
+        for r in refs:
+            r.to_here()
+        futs = []
+        for i in range(len(refs)):
+            # Delayed by the fault injector, which frees the message (and the
+            # Python tensor in it) on its own thread ...
+            futs.append(torchrpc.rpc_async("w1", scripted_ops.echo, (torch.ones(1),), timeout=10))
+            # ... while dropping an RRef sends RREF_USER_DELETE with the GIL held.
+            refs[i] = None
+            sent += 1
+        for f in futs:
+            f.wait()
+    return sent
+
+
+def test_delayed_sends_do_not_deadlock_with_the_gil():
+    # A deadlocked w0 never reports: run_workers times out (20 s) and kills it.
+    options = [{"faults": "SCRIPT_CALL:delay:0.001"}, {}]
+    assert run_workers(body_delay_churn, 2, options=options, timeout=20)[0] > 0

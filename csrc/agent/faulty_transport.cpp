@@ -96,11 +96,12 @@ class FaultyTransport : public Transport {
   }
   void broadcast(const Message& message) override { inner_->broadcast(message); }
   void shutdown() override {
+    decltype(delayed_) dropped;  // freed unlocked (see delayLoop)
     {
       std::lock_guard<std::mutex> g(mu_);
       if (stopped_) return;
       stopped_ = true;
-      delayed_.clear();
+      dropped.swap(delayed_);
     }
     cv_.notify_all();
     if (delayer_.joinable()) delayer_.join();
@@ -161,13 +162,16 @@ class FaultyTransport : public Transport {
         cv_.wait_until(g, first->first);
         continue;
       }
-      auto [conn, m] = std::move(first->second);
+      auto item = std::make_unique<std::pair<std::shared_ptr<Connection>, Message>>(std::move(first->second));
       delayed_.erase(first);
       g.unlock();
       try {
-        conn->send(m);
+        item->first->send(item->second);
       } catch (const RpcError&) {
       }
+      // Freed unlocked: the last reference to a tensor Python let go of
+      // takes the GIL, and a thread holding the GIL may be waiting for mu_.
+      item.reset();
       g.lock();
     }
   }
