@@ -33,6 +33,7 @@ import time
 import pytest
 
 import netns
+from torchrpc.testing import tcp_endpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = 3
@@ -234,7 +235,7 @@ def test_calls_rrefs_autograd_across_hosts(net, cluster, record_property):
         host = net.hosts[rank]
         address = r["init"]["address"]
         # Each worker listens on its namespace's own address, not loopback.
-        assert address is None or address.split(":")[0] == host.addr, (rank, address)
+        assert address is None or tcp_endpoint(address)[0] == host.addr, (rank, address)
         failed = [ch for ch in r["checks"] if not ch["ok"]]
         assert not failed, f"w{rank} checks failed: {_fmt(failed)}"
         assert r["shutdown"]["ok"], f"w{rank} shutdown: {_fmt(r['shutdown'])}"

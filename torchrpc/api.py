@@ -8,7 +8,7 @@ import os
 import threading
 import time
 import warnings
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -73,6 +73,17 @@ class RpcOptions:
     peer_timeout: a peer silent this long is declared lost.
     faults: fault injection for tests (TORCHRPC_FAULTS), e.g.
         "RREF_USER_DELETE:drop:0.2,SCRIPT_CALL:delay:0.05".
+
+    Transports (see README, "Transports"):
+    transports: the transports to use, in order of preference: "shm"
+        (shared memory, same host only) and "tcp". None: TORCHRPC_TRANSPORTS
+        (comma-separated), else both, shared memory first, so peers on the
+        same host use it and the others TCP.
+    shm_ring_bytes: each direction's ring of a shared-memory connection;
+        small messages go inline, larger ones stream through it.
+    shm_pool_bytes: each direction's pool for tensor bytes: a tensor is
+        copied once into it and received as a view of it; when it runs dry,
+        tensors stream through the ring instead.
     """
 
     num_worker_threads: int = 16
@@ -92,6 +103,9 @@ class RpcOptions:
     heartbeat_interval: float = 0.5
     peer_timeout: float = 2.0
     faults: str = dataclasses.field(default_factory=lambda: os.environ.get("TORCHRPC_FAULTS", ""))
+    transports: Optional[Sequence[str]] = None
+    shm_ring_bytes: int = 4 << 20
+    shm_pool_bytes: int = 256 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +209,24 @@ def _resolve_options(backend, rpc_backend_options, options, init_method):
     return converted, rpc_backend_options.init_method
 
 
+_KNOWN_TRANSPORTS = ("shm", "tcp")
+
+
+def _transports(chosen: Optional[Sequence[str]]) -> List[str]:
+    """RpcOptions.transports, else TORCHRPC_TRANSPORTS, else shm then tcp."""
+    if chosen is None:
+        env = os.environ.get("TORCHRPC_TRANSPORTS", "")
+        chosen = [t.strip() for t in env.split(",") if t.strip()] or list(_KNOWN_TRANSPORTS)
+    if isinstance(chosen, str):
+        chosen = [chosen]
+    chosen = list(chosen)
+    unknown = [t for t in chosen if t not in _KNOWN_TRANSPORTS]
+    if unknown or not chosen or len(set(chosen)) != len(chosen):
+        raise ValueError(f"torchrpc: transports must be distinct names from {_KNOWN_TRANSPORTS}, "
+                         f"got {chosen}")
+    return chosen
+
+
 def _start(name, rank, world_size, host, port, options):
     """Rendezvous and agent start-up; init_rpc's body."""
     global _state
@@ -219,6 +251,9 @@ def _start(name, rank, world_size, host, port, options):
         "peer_timeout": float(options.peer_timeout),
         "max_frame_bytes": int(options.max_frame_bytes),
         "max_inflight_bytes": int(options.max_inflight_bytes),
+        "transports": _transports(options.transports),
+        "shm_ring_bytes": int(options.shm_ring_bytes),
+        "shm_pool_bytes": int(options.shm_pool_bytes),
     })
     # Ready to serve before anyone can learn our address.
     agent.set_python_hooks(
@@ -547,6 +582,7 @@ def debug_info() -> dict:
     state = _current()
     info = state.agent.debug_info()
     info["lost_peers"] = {state.workers[r].name: why for r, why in state.agent.lost_peers().items()}
+    info["connections"] = {state.workers[r].name: c for r, c in info["connections"].items()}
     return info
 
 

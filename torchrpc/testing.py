@@ -586,13 +586,22 @@ def _handshake_mac(secret: bytes, job_id: str, label: bytes, dialer: int, listen
     return hmac.new(secret, msg, hashlib.sha256).digest()
 
 
+def tcp_endpoint(address: str):
+    """(host, port) of the TCP transport among a worker's published
+    addresses ("tcp://127.0.0.1:40123,shm://...")."""
+    for a in address.split(","):
+        if a.startswith("tcp://"):
+            host, port = a[len("tcp://"):].rsplit(":", 1)
+            return host.strip("[]"), int(port)
+    raise ValueError(f"torchrpc: {address!r} offers no TCP transport")
+
+
 def authenticated_socket(address: str, as_worker: int, listener: int, secret: bytes, job_id: str,
                          timeout: float = 10.0) -> socket.socket:
-    """A raw socket to a worker that has passed the handshake
+    """A raw socket to a worker's TCP transport that has passed the handshake
     (csrc/agent/handshake.h) as worker `as_worker`: for tests that play a
     misbehaving *member*. Raises ConnectionError if the worker refuses."""
-    host, port = address.rsplit(":", 1)
-    s = socket.create_connection((host, int(port)), timeout=timeout)
+    s = socket.create_connection(tcp_endpoint(address), timeout=timeout)
     nonce = os.urandom(32)
     s.sendall(struct.pack("<IHHqq", _HS_MAGIC, _HS_VERSION, 0, as_worker, listener) + nonce)
     challenge = b""

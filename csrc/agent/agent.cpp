@@ -12,6 +12,8 @@ namespace {
 
 // How many finished requests per agent are remembered to ignore duplicates.
 constexpr size_t kRecentRequests = 4096;
+// Requests larger than this always go to a worker thread.
+constexpr uint64_t kInlineRequestBytes = 64 * 1024;
 // Threads that complete futures handed to Python (see Agent::defer).
 constexpr size_t kCallbackThreads = 4;
 // How long a request that arrived before setWorkers waits for it.
@@ -100,7 +102,11 @@ Agent::Agent(WorkerInfo self, AgentOptions options)
   if (transport.credentials.secret.empty()) {
     throw RpcError(ErrorKind::kAuth, "torchrpc: an agent needs a secret to authenticate its peers");
   }
-  transport_ = makeTransport(std::move(transport), std::move(callbacks), options_.faults);
+  std::vector<std::unique_ptr<Transport>> transports;
+  for (const TransportFactory& make : options_.transports) {
+    transports.push_back(withFaults(make, options_.faults)(transport, callbacks));
+  }
+  transport_ = std::make_unique<TransportSet>(std::move(transports));
   self_.address = transport_->address();
   rrefs_ = std::make_shared<RRefContext>(*this);
   autograd_ = std::make_unique<DistAutograd>(
@@ -329,8 +335,23 @@ void Agent::onMessage(const std::shared_ptr<Connection>& conn, Message&& message
     }
     default:
       if (!startServing({conn->serial(), peer, message.id})) return;  // a duplicate
+      if (mayServeInline(message)) {
+        serveRequest(conn, std::move(message));
+        return;
+      }
       pool_->submit([this, conn, m = std::move(message)]() mutable { serveRequest(conn, std::move(m)); });
   }
+}
+
+bool Agent::mayServeInline(const Message& request) {
+  if (request.type != MessageType::kScriptCall || !workersSet_.load(std::memory_order_relaxed)) return false;
+  uint64_t bytes = request.payload.size();
+  for (const auto& t : request.tensors) bytes += t.nbytes();
+  if (bytes > kInlineRequestBytes) return false;  // a large input may take long
+  auto name = ScriptCall::peekName(request);
+  if (!name) return false;
+  auto callable = registry_.findKnown(*name);  // never the resolver: it takes the GIL
+  return callable && callable->mayRunInline();
 }
 
 bool Agent::startServing(const PeerMessage& key) {
@@ -835,6 +856,17 @@ void Agent::timeoutLoop() {
     sendCancel(p.peer, first_id);  // the callee drops it if it has not started
     g.lock();
   }
+}
+
+std::vector<Agent::ConnectionInfo> Agent::connections() {
+  std::vector<std::pair<int64_t, std::shared_ptr<Connection>>> conns;
+  {
+    std::lock_guard<std::mutex> g(connMu_);
+    conns.assign(outgoing_.begin(), outgoing_.end());
+  }
+  std::vector<ConnectionInfo> out;
+  for (auto& [peer, c] : conns) out.push_back({peer, c->transportName(), c->stats()});
+  return out;
 }
 
 size_t Agent::pendingCount() {

@@ -31,6 +31,7 @@
 #include "messages/script_call.h"
 #include "agent/thread_pool.h"
 #include "agent/transport.h"
+#include "agent/transport_set.h"
 #include "ops/param_store.h"
 #include "rref/rref_context.h"
 
@@ -48,9 +49,13 @@ struct AgentOptions {
   int64_t numWorkerThreads = 16;
   double rpcTimeoutSeconds = 60.0;  // default for calls that pass none
   bool pythonUdf = false;           // run PYTHON_CALLs from peers
-  // Where to listen, the job's credentials, handshake, liveness and size
-  // limits (selfName and credentials.selfId are filled in by the agent).
+  // The job's credentials, handshake, liveness and size limits, common to
+  // every transport (selfName and credentials.selfId are filled in by the
+  // agent).
   TransportOptions transport;
+  // The transports to listen on and dial with, in order of preference
+  // (tcpTransport(...), shmTransport(...)).
+  std::vector<TransportFactory> transports;
   // Fault injection for tests, e.g. "RREF_USER_DELETE:drop:0.2" (faulty_transport.h).
   std::string faults;
 };
@@ -142,6 +147,14 @@ class Agent {
   // that died before ever talking to us is noticed (refused, or silent).
   void probePeers();
 
+  // The connections this agent dialed: peer id, transport, its counters.
+  struct ConnectionInfo {
+    int64_t peer;
+    std::string transport;
+    std::vector<std::pair<std::string, int64_t>> stats;
+  };
+  std::vector<ConnectionInfo> connections();
+
   // Requests of ours still waiting for a response.
   size_t pendingCount();
   // Waits until pendingCount() is 0; false if the timeout passed first.
@@ -169,6 +182,9 @@ class Agent {
   void sendCancel(int64_t peer, int64_t id);
   void completeResponse(Message&& response);
   void serveRequest(const std::shared_ptr<Connection>& conn, Message&& request);
+  // Whether `request` may be served on the transport thread that received
+  // it (a short, non-blocking script call; see Callable::mayRunInline).
+  bool mayServeInline(const Message& request);
   // The response, or nullopt when `respond` will be called later.
   std::optional<Message> runRequest(Message& request, int64_t from, const Responder& respond);
   c10::IValue runScript(ScriptCall& call);
@@ -241,7 +257,7 @@ class Agent {
   std::mutex workersMu_;
   std::condition_variable workersCv_;
   std::atomic<bool> workersSet_{false};  // read without the lock on every request
-  std::unique_ptr<Transport> transport_;
+  std::unique_ptr<TransportSet> transport_;
   std::thread timer_;
 };
 

@@ -9,7 +9,6 @@
 #include <thread>
 #include <unordered_map>
 
-#include "agent/tcp_transport.h"
 
 namespace torchrpc {
 
@@ -64,6 +63,8 @@ class FaultyConnection : public Connection {
   }
   void send(const Message& message) override;
   void close() override { inner_->close(); }
+  const char* transportName() const override { return inner_->transportName(); }
+  std::vector<std::pair<std::string, int64_t>> stats() const override { return inner_->stats(); }
   const std::shared_ptr<Connection>& inner() const { return inner_; }
 
  private:
@@ -73,7 +74,8 @@ class FaultyConnection : public Connection {
 
 class FaultyTransport : public Transport {
  public:
-  FaultyTransport(TransportOptions options, TransportCallbacks callbacks, std::vector<FaultRule> rules)
+  FaultyTransport(const TransportFactory& makeInner, const TransportOptions& options, TransportCallbacks callbacks,
+                  std::vector<FaultRule> rules)
       : rules_(std::move(rules)), outer_(std::move(callbacks)), rng_(std::random_device{}()) {
     TransportCallbacks inner;
     inner.onMessage = [this](const std::shared_ptr<Connection>& c, Message&& m) { outer_.onMessage(wrap(c), std::move(m)); };
@@ -85,12 +87,14 @@ class FaultyTransport : public Transport {
       }
       outer_.onClosed(w, r, why);
     };
-    inner_ = std::make_unique<TcpTransport>(std::move(options), std::move(inner));
+    inner_ = makeInner(options, std::move(inner));
     delayer_ = std::thread([this] { delayLoop(); });
   }
   ~FaultyTransport() override { shutdown(); }
 
+  std::string scheme() const override { return inner_->scheme(); }
   std::string address() const override { return inner_->address(); }
+  bool reaches(const std::string& address) const override { return inner_->reaches(address); }
   std::shared_ptr<Connection> connect(const std::string& address, int64_t peerId, const std::string& peerName) override {
     return wrap(inner_->connect(address, peerId, peerName));
   }
@@ -192,11 +196,12 @@ void FaultyConnection::send(const Message& message) { transport_.send(inner_, me
 
 }  // namespace
 
-std::unique_ptr<Transport> makeTransport(TransportOptions options, TransportCallbacks callbacks,
-                                         const std::string& faults) {
+TransportFactory withFaults(TransportFactory inner, const std::string& faults) {
   std::vector<FaultRule> rules = parseFaults(faults);
-  if (rules.empty()) return std::make_unique<TcpTransport>(std::move(options), std::move(callbacks));
-  return std::make_unique<FaultyTransport>(std::move(options), std::move(callbacks), std::move(rules));
+  if (rules.empty()) return inner;
+  return [inner = std::move(inner), rules](const TransportOptions& options, TransportCallbacks callbacks) {
+    return std::unique_ptr<Transport>(std::make_unique<FaultyTransport>(inner, options, std::move(callbacks), rules));
+  };
 }
 
 }  // namespace torchrpc

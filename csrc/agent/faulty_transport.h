@@ -25,8 +25,8 @@ struct FaultRule {
 // Parses a fault spec; throws RpcError(kArgument) naming the bad part.
 std::vector<FaultRule> parseFaults(const std::string& spec);
 
-// A TcpTransport, wrapped in fault injection when `faults` is not empty.
-std::unique_ptr<Transport> makeTransport(TransportOptions options, TransportCallbacks callbacks,
-                                         const std::string& faults);
+// `inner`'s transports wrapped in fault injection, or `inner` itself when
+// `faults` is empty.
+TransportFactory withFaults(TransportFactory inner, const std::string& faults);
 
 }  // namespace torchrpc

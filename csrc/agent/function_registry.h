@@ -10,30 +10,49 @@
 #include <torch/csrc/jit/api/compilation_unit.h>
 #include <torch/csrc/jit/runtime/operator.h>
 
+#include <atomic>
 #include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <chrono>
 
 namespace torchrpc {
 
 class Callable {
  public:
-  Callable(std::shared_ptr<torch::jit::CompilationUnit> cu, torch::jit::Function* fn)
-      : cu_(std::move(cu)), fn_(fn), schema_(fn->getSchema()) {}
-  explicit Callable(std::shared_ptr<torch::jit::Operator> op) : op_(std::move(op)), schema_(op_->schema()) {}
+  Callable(std::shared_ptr<torch::jit::CompilationUnit> cu, torch::jit::Function* fn);
+  explicit Callable(std::shared_ptr<torch::jit::Operator> op);
 
   const c10::FunctionSchema& schema() const { return schema_; }
   // Runs on `stack` (the full positional arguments) and returns the result:
   // the single output, None for none, a tuple for several.
   c10::IValue run(std::vector<c10::IValue>& stack) const;
 
+  // Whether a request for it may run on the thread that received it,
+  // skipping the hop to a worker thread: its code cannot block (no RPC, no
+  // waits, no forks, no Python, no RRef arguments) and its recent runs were
+  // short. A blocked receiving thread would stall its connection, so this
+  // errs towards no.
+  bool mayRunInline() const {
+    return inlineSafe_ && runs_.load(std::memory_order_relaxed) >= kRunsBeforeInline &&
+           recentNs_.load(std::memory_order_relaxed) < kInlineNs;
+  }
+
  private:
+  static constexpr int64_t kRunsBeforeInline = 3;
+  static constexpr int64_t kInlineNs = 100'000;
+
   std::shared_ptr<torch::jit::CompilationUnit> cu_;  // keeps fn_ alive
   torch::jit::Function* fn_ = nullptr;
   std::shared_ptr<torch::jit::Operator> op_;
   c10::FunctionSchema schema_;
+  bool inlineSafe_ = false;
+  // How long it ran lately: the longer of the last run and half the one
+  // before, so one slow run (a large input) keeps it off the fast path a while.
+  mutable std::atomic<int64_t> recentNs_{0};
+  mutable std::atomic<int64_t> runs_{0};
 };
 
 class FunctionRegistry {
@@ -42,12 +61,20 @@ class FunctionRegistry {
 
   void add(const std::string& name, std::shared_ptr<Callable> callable);
   // Registered name, then the resolver, then builtin operators; null if none.
+  // Misses are remembered too (for a second, or until the next add()), so a
+  // caller repeating an unknown name does not send every request through
+  // Python, while a function compiled a moment later is still found.
   std::shared_ptr<Callable> find(const std::string& name);
+  // Only what was registered or found before: never calls the resolver.
+  std::shared_ptr<Callable> findKnown(const std::string& name);
   void setResolver(Resolver resolver) { resolver_ = std::move(resolver); }
 
  private:
+  static constexpr size_t kMaxMisses = 4096;
+
   std::mutex mu_;
   std::unordered_map<std::string, std::shared_ptr<Callable>> byName_;
+  std::unordered_map<std::string, std::chrono::steady_clock::time_point> misses_;
   Resolver resolver_;
 };
 

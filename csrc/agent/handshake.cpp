@@ -171,3 +171,31 @@ void dialHandshake(int fd, const Credentials& creds, int64_t listenerId, double 
 }
 
 }  // namespace torchrpc
+
+namespace torchrpc {
+
+int64_t listenHandshake(int fd, const Credentials& creds, double timeoutSeconds) {
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                            std::chrono::duration<double>(timeoutSeconds));
+  auto recvOp = [](int f, char* p, size_t n) { return ::recv(f, p, n, MSG_DONTWAIT); };
+  auto sendOp = [](int f, char* p, size_t n) { return ::send(f, p, n, MSG_DONTWAIT | MSG_NOSIGNAL); };
+  const std::string what = "a connecting worker";
+  ListenerHandshake hs(creds);
+  std::array<char, kHelloBytes> hello;
+  exchangeExact(fd, hello.data(), hello.size(), deadline, POLLIN, recvOp, what);
+  std::array<char, kChallengeBytes> challenge;
+  bool replyable = false;
+  std::string why = hs.onHello(hello.data(), challenge, replyable);
+  if (replyable) exchangeExact(fd, challenge.data(), challenge.size(), deadline, POLLOUT, sendOp, what);
+  if (!why.empty()) throw RpcError(ErrorKind::kAuth, "torchrpc: refused a connection: it " + why);
+  std::array<char, kProofBytes> proof;
+  exchangeExact(fd, proof.data(), proof.size(), deadline, POLLIN, recvOp, what);
+  if (!hs.onProof(proof.data())) {
+    throw RpcError(ErrorKind::kAuth, "torchrpc: refused worker " + std::to_string(hs.dialerId()) +
+                                         ": authentication failed (wrong secret or another job)");
+  }
+  return hs.dialerId();
+}
+
+}  // namespace torchrpc

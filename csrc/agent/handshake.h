@@ -63,5 +63,10 @@ class ListenerHandshake {
 // RpcError(kPeerLost) on I/O failure or timeout.
 void dialHandshake(int fd, const Credentials& creds, int64_t listenerId, double timeoutSeconds,
                    const std::string& peerName);
+// The listening side on a blocking-with-deadline socket (transports that
+// give each pending handshake its own thread). Returns the dialer's id;
+// throws RpcError(kAuth) naming why a dialer was refused, RpcError(kPeerLost)
+// on I/O failure or timeout.
+int64_t listenHandshake(int fd, const Credentials& creds, double timeoutSeconds);
 
 }  // namespace torchrpc

@@ -131,6 +131,7 @@ size_t writeSome(int fd, std::vector<iovec> iov, size_t done, int& err) {
 
 class TcpTransport::TcpConnection : public Connection {
  public:
+  const char* transportName() const override { return "tcp"; }
   enum class State { kHello, kProof, kOpen };
 
   TcpConnection(TcpTransport& transport, int fd, State state)
@@ -243,8 +244,14 @@ class TcpTransport::TcpConnection : public Connection {
   std::deque<std::unique_ptr<Outgoing>> queue_;
 };
 
-TcpTransport::TcpTransport(TransportOptions options, TransportCallbacks callbacks)
-    : options_(std::move(options)), callbacks_(std::move(callbacks)) {
+TransportFactory tcpTransport(TcpOptions tcp) {
+  return [tcp](const TransportOptions& options, TransportCallbacks callbacks) {
+    return std::make_unique<TcpTransport>(options, tcp, std::move(callbacks));
+  };
+}
+
+TcpTransport::TcpTransport(TransportOptions options, TcpOptions tcp, TransportCallbacks callbacks)
+    : options_(std::move(options)), tcp_(std::move(tcp)), callbacks_(std::move(callbacks)) {
   listenFd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (listenFd_ < 0) throw RpcError(ErrorKind::kRpc, errnoText("torchrpc: socket()"));
   int one = 1;
@@ -254,7 +261,7 @@ TcpTransport::TcpTransport(TransportOptions options, TransportCallbacks callback
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
   addr.sin_port = 0;
-  const std::string& host = options_.listenHost;
+  const std::string& host = tcp_.listenHost;
   if (::inet_pton(AF_INET, host.c_str(), &addr.sin_addr) != 1) {
     ::close(listenFd_);
     throw RpcError(ErrorKind::kRpc, "torchrpc: cannot listen on '" + host + "': not an IPv4 address");
@@ -267,7 +274,7 @@ TcpTransport::TcpTransport(TransportOptions options, TransportCallbacks callback
   }
   socklen_t len = sizeof(addr);
   ::getsockname(listenFd_, reinterpret_cast<sockaddr*>(&addr), &len);
-  address_ = options_.advertisedHost + ":" + std::to_string(ntohs(addr.sin_port));
+  address_ = tcp_.advertisedHost + ":" + std::to_string(ntohs(addr.sin_port));
 
   epollFd_ = ::epoll_create1(EPOLL_CLOEXEC);
   wakeFd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -469,7 +476,7 @@ bool TcpTransport::reserve(TcpConnection& conn) {
   const uint64_t n = conn.decoder_.declaredBytes();
   // One frame is always admitted, so a frame larger than the budget waits
   // for the others instead of forever.
-  if (inflight_ > 0 && inflight_ + n > options_.maxInflightBytes) return false;
+  if (inflight_ > 0 && inflight_ + n > tcp_.maxInflightBytes) return false;
   inflight_ += n;
   conn.reserved_ = n;
   return true;
@@ -609,7 +616,7 @@ void TcpTransport::tick() {
 
 std::shared_ptr<Connection> TcpTransport::connect(const std::string& address, int64_t peerId,
                                                   const std::string& peerName) {
-  auto [host, port] = splitAddress(address);
+  auto [host, port] = splitAddress(splitScheme(address).second);
   addrinfo hints{};
   hints.ai_family = AF_INET;
   hints.ai_socktype = SOCK_STREAM;

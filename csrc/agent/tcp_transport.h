@@ -21,12 +21,21 @@
 
 namespace torchrpc {
 
+struct TcpOptions {
+  std::string listenHost = "127.0.0.1";     // an IPv4 address; "0.0.0.0" for all
+  std::string advertisedHost = "127.0.0.1"; // what peers are told to dial
+  uint64_t maxInflightBytes = 8ull << 30;   // all frames being received at once
+};
+
+TransportFactory tcpTransport(TcpOptions tcp);
+
 class TcpTransport : public Transport {
  public:
-  TcpTransport(TransportOptions options, TransportCallbacks callbacks);
+  TcpTransport(TransportOptions options, TcpOptions tcp, TransportCallbacks callbacks);
   ~TcpTransport() override;
 
-  std::string address() const override { return address_; }
+  std::string scheme() const override { return "tcp"; }
+  std::string address() const override { return "tcp://" + address_; }
   std::shared_ptr<Connection> connect(const std::string& address, int64_t peerId,
                                       const std::string& peerName) override;
   void broadcast(const Message& message) override;
@@ -52,6 +61,7 @@ class TcpTransport : public Transport {
   void warnRejected(const TcpConnection& conn, const std::string& why);
 
   TransportOptions options_;
+  TcpOptions tcp_;
   TransportCallbacks callbacks_;
   int listenFd_ = -1;
   int epollFd_ = -1;

@@ -1,13 +1,20 @@
 #pragma once
 
 // What the agent needs from a network: authenticated connections that carry
-// whole Messages. The agent's RPC logic never touches sockets, so another
-// transport (same-host shared memory, say) is another implementation of
-// these classes.
+// whole Messages. The agent's RPC logic never touches sockets; each
+// transport (tcp_transport.h, shm_transport.h) implements these classes and
+// is handed to the agent as a TransportFactory, so adding one touches
+// neither the agent nor the other transports.
+//
+// Addresses carry their transport's scheme: "tcp://10.0.0.2:40123",
+// "shm://<host id>/<socket name>". A worker publishes one address per
+// transport (TransportSet joins them with ',').
 
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "agent/handshake.h"
 #include "messages/message.h"
@@ -30,6 +37,10 @@ class Connection {
   // Distinct for every connection a transport ever made (unlike its address,
   // which a later connection may reuse).
   uint64_t serial() const { return serial_; }
+  // The scheme of the transport that made it ("tcp", "shm").
+  virtual const char* transportName() const = 0;
+  // Transport-specific counters for debug_info (shm: its tensor pool).
+  virtual std::vector<std::pair<std::string, int64_t>> stats() const { return {}; }
 
  protected:
   int64_t peerId_ = -1;
@@ -54,27 +65,31 @@ struct TransportCallbacks {
   std::function<void(const std::shared_ptr<Connection>&, CloseReason, const std::string& why)> onClosed;
 };
 
+// What every transport shares; each has its own options beside these
+// (TcpOptions, ShmOptions), bound into its factory.
 struct TransportOptions {
-  std::string listenHost = "127.0.0.1";     // an IPv4 address; "0.0.0.0" for all
-  std::string advertisedHost = "127.0.0.1"; // what peers are told to dial
   std::string selfName;  // for log lines
   Credentials credentials;
   double handshakeTimeout = 5.0;
-  size_t maxPendingHandshakes = 64;
+  size_t maxPendingHandshakes = 64;  // connections mid-handshake; beyond, the oldest is dropped
   double heartbeatInterval = 0.5;  // idle connections send HEARTBEAT this often
   double peerTimeout = 2.0;        // a connection silent this long is closed (kSilent)
   FrameLimits limits;
-  uint64_t maxInflightBytes = 8ull << 30;  // all frames being received at once
 };
 
 class Transport {
  public:
   virtual ~Transport() = default;
-  // Where peers reach this transport, e.g. "127.0.0.1:40123".
+  // "tcp", "shm": the scheme of its addresses.
+  virtual std::string scheme() const = 0;
+  // Where peers reach this transport, with its scheme: "tcp://127.0.0.1:40123".
   virtual std::string address() const = 0;
-  // Dials worker `peerId` at `address` and runs the handshake. Throws
-  // RpcError(kPeerLost) on failure, RpcError(kAuth) if the peer cannot prove
-  // it holds the secret.
+  // Whether an address of this scheme can be dialed from here (a
+  // shared-memory address only from the same host).
+  virtual bool reaches(const std::string& address) const { return true; }
+  // Dials worker `peerId` at `address` (of this transport's scheme) and runs
+  // the handshake. Throws RpcError(kPeerLost) on failure, RpcError(kAuth) if
+  // the peer cannot prove it holds the secret.
   virtual std::shared_ptr<Connection> connect(const std::string& address, int64_t peerId,
                                               const std::string& peerName) = 0;
   // Sends `message` on every authenticated connection, ignoring failures.
@@ -83,5 +98,12 @@ class Transport {
   // callback runs after it returns. Idempotent.
   virtual void shutdown() = 0;
 };
+
+// Builds a transport that reports to `callbacks`; its own options are bound in.
+using TransportFactory =
+    std::function<std::unique_ptr<Transport>(const TransportOptions& options, TransportCallbacks callbacks)>;
+
+// "scheme://rest" -> {"scheme", "rest"}; {"", address} without a scheme.
+std::pair<std::string, std::string> splitScheme(const std::string& address);
 
 }  // namespace torchrpc

@@ -1,6 +1,21 @@
 #include "messages/script_call.h"
 
+#include "wire/byte_io.h"
+#include "wire/ivalue_codec.h"
+
 namespace torchrpc {
+
+std::optional<std::string> ScriptCall::peekName(const Message& m) {
+  if (m.type != MessageType::kScriptCall) return std::nullopt;
+  try {
+    Reader r(m.payload.data(), m.payload.size());
+    if (r.u32() < 1) return std::nullopt;
+    c10::IValue name = decodeIValue(r, m.tensors);
+    if (name.isString()) return name.toStringRef();
+  } catch (const std::exception&) {
+  }
+  return std::nullopt;  // the full decode, on a worker thread, reports what is wrong
+}
 
 std::vector<c10::IValue> ScriptCall::fields() && {
   return {c10::IValue(std::move(qualifiedName_)),

@@ -2,6 +2,8 @@
 
 // Calls of registered TorchScript functions and builtin operators.
 
+#include <optional>
+
 #include "messages/message.h"
 
 namespace torchrpc {
@@ -16,6 +18,10 @@ class ScriptCall : public RpcCommand {
   std::vector<c10::IValue> fields() && override;
   static std::unique_ptr<ScriptCall> fromMessage(const Message& m);
   static std::unique_ptr<ScriptCall> fromFields(std::vector<c10::IValue>&& f);
+  // The function a SCRIPT_CALL message names, read without decoding the rest
+  // (the receiving thread decides from it where to run the call); nullopt if
+  // it is not a well-formed SCRIPT_CALL.
+  static std::optional<std::string> peekName(const Message& m);
 
   const std::string& qualifiedName() const { return qualifiedName_; }
   std::vector<c10::IValue>& stack() { return stack_; }

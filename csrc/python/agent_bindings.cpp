@@ -7,6 +7,8 @@
 #include <torch/extension.h>
 
 #include "agent/current_agent.h"
+#include "agent/shm_transport.h"
+#include "agent/tcp_transport.h"
 #include "messages/control.h"
 #include "messages/python_call.h"
 #include "messages/script_call.h"
@@ -285,8 +287,6 @@ void initAgentBindings(py::module_& m) {
              o.rpcTimeoutSeconds = get("rpc_timeout").cast<double>();
              o.pythonUdf = get("python_udf").cast<bool>();
              o.faults = get("faults").cast<std::string>();
-             t.listenHost = get("listen_host").cast<std::string>();
-             t.advertisedHost = get("advertised_host").cast<std::string>();
              t.credentials.secret = get("secret").cast<std::string>();
              t.credentials.jobId = get("job_id").cast<std::string>();
              t.handshakeTimeout = get("handshake_timeout").cast<double>();
@@ -294,7 +294,23 @@ void initAgentBindings(py::module_& m) {
              t.heartbeatInterval = get("heartbeat_interval").cast<double>();
              t.peerTimeout = get("peer_timeout").cast<double>();
              t.limits.maxFrameBytes = get("max_frame_bytes").cast<uint64_t>();
-             t.maxInflightBytes = get("max_inflight_bytes").cast<uint64_t>();
+             for (const auto& name : get("transports").cast<std::vector<std::string>>()) {
+               if (name == "tcp") {
+                 TcpOptions tcp;
+                 tcp.listenHost = get("listen_host").cast<std::string>();
+                 tcp.advertisedHost = get("advertised_host").cast<std::string>();
+                 tcp.maxInflightBytes = get("max_inflight_bytes").cast<uint64_t>();
+                 o.transports.push_back(tcpTransport(tcp));
+               } else if (name == "shm") {
+                 ShmOptions shm;
+                 shm.ringBytes = get("shm_ring_bytes").cast<uint64_t>();
+                 shm.poolBytes = get("shm_pool_bytes").cast<uint64_t>();
+                 o.transports.push_back(shmTransport(shm));
+               } else {
+                 throw RpcError(ErrorKind::kArgument, "torchrpc: unknown transport '" + name +
+                                                          "' (known: 'shm', 'tcp')");
+               }
+             }
              auto agent = std::make_shared<Agent>(WorkerInfo{name, id, "", o.pythonUdf}, o);
              installPythonResolver(*agent);
              return agent;
@@ -384,6 +400,14 @@ void initAgentBindings(py::module_& m) {
         out["live_users"] = d.liveUsers;
         out["pending_requests"] = agent.pendingCount();
         out["autograd_contexts"] = agent.autograd().contexts().size();
+        py::dict conns;  // by peer id; torchrpc.api names them
+        for (const auto& c : agent.connections()) {
+          py::dict d;
+          d["transport"] = c.transport;
+          for (const auto& [k, v] : c.stats) d[py::str(k)] = v;
+          conns[py::int_(c.peer)] = d;
+        }
+        out["connections"] = conns;
         return out;
       })
       .def("cancel", [](Agent& agent, const std::shared_ptr<PythonFutureWrapper>& fut) {

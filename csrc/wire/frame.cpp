@@ -224,9 +224,7 @@ EncodedFrame encodeFrame(const Message& m) {
   f.chunks.push_back({f.header.data(), kFrameHeaderBytes});
   f.chunks.push_back({m.payload.data(), m.payload.size()});
   f.chunks.push_back({f.descriptors.data(), f.descriptors.size()});
-  for (const Slice& s : slices) {
-    if (s.end > s.start) f.chunks.push_back({s.base + s.start, s.end - s.start});
-  }
+  for (const Slice& s : slices) f.chunks.push_back({s.base + s.start, s.end - s.start});
   f.totalBytes = kFrameHeaderBytes + m.payload.size() + f.descriptors.size() + storageBytes;
   return f;
 }

@@ -5,6 +5,8 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -38,7 +40,8 @@ struct EncodedFrame {
   };
   std::array<char, kFrameHeaderBytes> header;
   std::string descriptors;
-  // header, payload, descriptors, then each storage's bytes, in wire order.
+  // header, payload, descriptors, then each storage's bytes, in wire order
+  // (chunks[3 + i] is storage i, empty when it sends no bytes).
   std::vector<Chunk> chunks;
   size_t totalBytes = 0;
 };
@@ -68,6 +71,11 @@ class FrameDecoder {
   // A bound on the bytes the source can still deliver (memory sources know
   // it; sockets don't), so a lying header cannot make us allocate.
   void setRemainingBound(uint64_t bound) { bound_ = bound; }
+  // Storages that arrive out of band (a shared-memory pool): asked for each
+  // storage (by index, with its size) once the metadata is in; a storage it
+  // returns is used as is and its bytes are not expected in the stream.
+  using StorageSource = std::function<std::optional<c10::Storage>(uint32_t index, uint64_t nbytes)>;
+  void setStorageSource(StorageSource source) { source_ = std::move(source); }
 
  private:
   enum class Stage { kHeader, kMeta, kStorage, kDone };
@@ -98,6 +106,8 @@ class FrameDecoder {
   std::vector<View> views_;
   std::vector<uint64_t> sliceBytes_;
   std::vector<c10::Storage> storages_;
+  std::vector<bool> external_;  // storages_[i] came from source_
+  StorageSource source_;
   size_t storage_ = 0;  // index of the storage being filled
   Message message_;
 };

@@ -175,7 +175,13 @@ void FrameDecoder::onMeta() {
   // Each storage is allocated once at its final size and read straight into.
   storages_.clear();
   storages_.reserve(storageCount_);
-  for (uint64_t n : sliceBytes_) storages_.push_back(allocateStorage(n));
+  external_.assign(storageCount_, false);
+  for (uint32_t i = 0; i < storageCount_; ++i) {
+    std::optional<c10::Storage> given;
+    if (source_ && sliceBytes_[i] > 0) given = source_(i, sliceBytes_[i]);
+    external_[i] = given.has_value();
+    storages_.push_back(given ? std::move(*given) : allocateStorage(sliceBytes_[i]));
+  }
   storage_ = 0;
   stage_ = Stage::kStorage;
   nextStorage();
@@ -183,7 +189,7 @@ void FrameDecoder::onMeta() {
 
 void FrameDecoder::nextStorage() {
   filled_ = 0;
-  while (storage_ < storages_.size() && sliceBytes_[storage_] == 0) ++storage_;
+  while (storage_ < storages_.size() && (sliceBytes_[storage_] == 0 || external_[storage_])) ++storage_;
   if (storage_ < storages_.size()) return;
   message_.tensors.reserve(tensorCount_);
   for (const View& v : views_) {
