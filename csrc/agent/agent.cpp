@@ -336,6 +336,7 @@ void Agent::onMessage(const std::shared_ptr<Connection>& conn, Message&& message
     default:
       if (!startServing({conn->serial(), peer, message.id})) return;  // a duplicate
       if (mayServeInline(message)) {
+        servedInline_.fetch_add(1, std::memory_order_relaxed);
         serveRequest(conn, std::move(message));
         return;
       }

@@ -154,6 +154,8 @@ class Agent {
     std::vector<std::pair<std::string, int64_t>> stats;
   };
   std::vector<ConnectionInfo> connections();
+  // Requests served on the thread that received them (mayServeInline).
+  uint64_t servedInline() const { return servedInline_.load(); }
 
   // Requests of ours still waiting for a response.
   size_t pendingCount();
@@ -208,6 +210,7 @@ class Agent {
   std::unique_ptr<DistAutograd> autograd_;
   std::atomic<bool> stopped_{false};
   std::atomic<int64_t> nextMessageId_{1};
+  std::atomic<uint64_t> servedInline_{0};
 
   std::mutex connMu_;  // guards outgoing_, connecting_, lost_, left_
   std::condition_variable connCv_;

@@ -13,6 +13,7 @@
 // whose peer died notices on its own; nothing ever waits on a dead process.
 
 #include <linux/futex.h>
+#include <sched.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -124,9 +125,14 @@ class Ring {
     uint64_t r = readable();
     if (r > 0) return r;
     if (spinNs > 0) {
+      // Yielding while spinning: on a machine with few cores the thread
+      // that will produce the bytes (or the caller waiting for them) may
+      // need this core.
       const auto until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(spinNs);
       do {
-        for (int i = 0; i < 64; ++i) cpuRelax();
+        for (int i = 0; i < 32; ++i) cpuRelax();
+        if ((r = readable()) > 0) return r;
+        ::sched_yield();
         if ((r = readable()) > 0) return r;
       } while (std::chrono::steady_clock::now() < until);
     }

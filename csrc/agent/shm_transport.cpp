@@ -35,6 +35,7 @@ constexpr uint32_t kSetupVersion = 1;
 // its heartbeat and silence clocks again.
 constexpr int64_t kHousekeepingNs = 50'000'000;
 constexpr uint64_t kMinRingBytes = 64 * 1024;
+constexpr size_t kDrainBytes = 16 << 20;
 constexpr uint64_t kMaxRingBytes = 1ull << 30;
 constexpr uint64_t kMaxPoolBytes = 64ull << 30;
 
@@ -425,13 +426,16 @@ class ShmTransport::ShmConnection : public Connection, public std::enable_shared
     else spinNs_ /= 2;
   }
 
-  // Feeds every readable byte to the parser.
+  // Feeds the readable bytes to the parser, at most kDrainBytes at a time
+  // so a peer that never stops sending cannot starve housekeeping.
   void drain(const std::shared_ptr<ShmConnection>& self) {
-    for (;;) {
+    size_t total = 0;
+    while (total < kDrainBytes) {
       auto [p, n] = in_.peek();
       if (n == 0) return;
       size_t used = parse(self, p, n);
       in_.consume(used);
+      total += used;
     }
   }
 
@@ -736,7 +740,9 @@ void ShmTransport::shutdown() {
     conns = conns_;
   }
   for (auto& h : handshakes) {
-    ::shutdown(h.fd, SHUT_RDWR);  // a stalled stranger: end its handshake now
+    // A stalled stranger: end its handshake now. (A finished one's
+    // descriptor belongs to its connection, or is closed.)
+    if (!h.done->load()) ::shutdown(h.fd, SHUT_RDWR);
     h.thread.join();
   }
   for (auto& c : conns) c->requestClose(CloseReason::kLocal, "shut down");

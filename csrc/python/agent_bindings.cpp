@@ -28,6 +28,9 @@ namespace {
 
 using torch::jit::PythonFutureWrapper;
 
+// How long a synchronous caller spins for its reply before sleeping.
+constexpr int64_t kSyncSpinNs = 50'000;
+
 // Waits (GIL released) when sync; returns the Python value, or a torch Future.
 py::object finish(Agent& agent, const FuturePtr& fut, bool sync) {
   if (!sync) {
@@ -46,12 +49,25 @@ py::object finish(Agent& agent, const FuturePtr& fut, bool sync) {
     });
     return py::cast(std::make_shared<PythonFutureWrapper>(out));
   }
-  {
+  if (!fut->completed()) {
     py::gil_scoped_release release;
-    fut->wait();
+    waitSpinning(fut, kSyncSpinNs);
   }
   if (fut->hasError()) std::rethrow_exception(fut->exception_ptr());
   return torch::jit::toPyObject(fut->value());
+}
+
+// Sends with `start` (GIL released) and returns finish(): a synchronous
+// call releases the GIL once, for the send and the wait together.
+template <typename Start>
+py::object finish(Agent& agent, bool sync, Start&& start) {
+  FuturePtr fut;
+  {
+    py::gil_scoped_release release;
+    fut = start();
+    if (sync) waitSpinning(fut, kSyncSpinNs);
+  }
+  return finish(agent, fut, sync);
 }
 
 [[noreturn]] void badArguments(Agent& agent, int64_t to, const std::string& name, const std::exception& e) {
@@ -73,12 +89,7 @@ torch::jit::Stack scriptStack(Agent& agent, int64_t to, const std::string& name,
 py::object scriptCall(Agent& agent, int64_t to, const std::string& name, const c10::FunctionSchema& schema,
                       const py::tuple& args, const py::dict& kwargs, double timeout, bool sync) {
   torch::jit::Stack stack = scriptStack(agent, to, name, schema, args, kwargs);
-  FuturePtr fut;
-  {
-    py::gil_scoped_release release;
-    fut = agent.scriptCall(to, name, std::move(stack), timeout);
-  }
-  return finish(agent, fut, sync);
+  return finish(agent, sync, [&] { return agent.scriptCall(to, name, std::move(stack), timeout); });
 }
 
 // Picks the overload of `opName` that fits the Python arguments.
@@ -101,23 +112,15 @@ std::pair<std::string, torch::jit::Stack> builtinStack(Agent& agent, int64_t to,
 py::object builtinCall(Agent& agent, int64_t to, const std::string& opName, const py::tuple& args,
                        const py::dict& kwargs, double timeout, bool sync) {
   auto [name, stack] = builtinStack(agent, to, opName, args, kwargs);
-  FuturePtr fut;
-  {
-    py::gil_scoped_release release;
-    fut = agent.scriptCall(to, std::move(name), std::move(stack), timeout);
-  }
-  return finish(agent, fut, sync);
+  return finish(agent, sync, [&] { return agent.scriptCall(to, std::move(name), std::move(stack), timeout); });
 }
 
 py::object pythonCall(Agent& agent, int64_t to, const std::string& what, at::Tensor pickled,
                       std::vector<at::Tensor> tensors, double timeout, bool sync) {
-  FuturePtr fut;
-  {
-    py::gil_scoped_release release;
-    fut = agent.send(to, PythonCall(PickledValue{std::move(pickled), std::move(tensors)}).toMessage(),
-                     timeout, what);
-  }
-  return finish(agent, fut, sync);
+  return finish(agent, sync, [&] {
+    return agent.send(to, PythonCall(PickledValue{std::move(pickled), std::move(tensors)}).toMessage(), timeout,
+                      what);
+  });
 }
 
 // A Python callable kept by C++ threads: released under the GIL.
@@ -400,6 +403,7 @@ void initAgentBindings(py::module_& m) {
         out["live_users"] = d.liveUsers;
         out["pending_requests"] = agent.pendingCount();
         out["autograd_contexts"] = agent.autograd().contexts().size();
+        out["served_inline"] = agent.servedInline();
         py::dict conns;  // by peer id; torchrpc.api names them
         for (const auto& c : agent.connections()) {
           py::dict d;
