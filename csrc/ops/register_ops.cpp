@@ -46,7 +46,7 @@ void rpcAsyncKernel(const c10::OperatorHandle&, torch::jit::Stack* stack) {
 
 void rpcSyncKernel(const c10::OperatorHandle&, torch::jit::Stack* stack) {
   FuturePtr fut = startCall(*stack);
-  fut->wait();
+  waitSpinning(fut, kSyncSpinNs);
   if (fut->hasError()) std::rethrow_exception(fut->exception_ptr());
   torch::jit::push(*stack, fut->value());
 }
@@ -86,7 +86,7 @@ c10::IValue forkInfo(const std::vector<int64_t>& s) {
 }
 
 c10::IValue waitFor(const FuturePtr& fut) {
-  fut->wait();
+  waitSpinning(fut, kSyncSpinNs);
   if (fut->hasError()) std::rethrow_exception(fut->exception_ptr());
   return fut->value();
 }

@@ -28,9 +28,6 @@ namespace {
 
 using torch::jit::PythonFutureWrapper;
 
-// How long a synchronous caller spins for its reply before sleeping.
-constexpr int64_t kSyncSpinNs = 50'000;
-
 // Waits (GIL released) when sync; returns the Python value, or a torch Future.
 py::object finish(Agent& agent, const FuturePtr& fut, bool sync) {
   if (!sync) {
