@@ -25,13 +25,13 @@
 #include <vector>
 
 #include "agent/function_registry.h"
+#include "agent/param_store.h"
 #include "autograd/dist_autograd.h"
 #include "messages/control.h"
 #include "messages/python_call.h"
 #include "messages/script_call.h"
 #include "agent/thread_pool.h"
 #include "agent/transport.h"
-#include "ops/param_store.h"
 #include "rref/rref_context.h"
 
 namespace torchrpc {

@@ -7,8 +7,8 @@ std::vector<c10::IValue> ScriptCall::fields() && {
           c10::IValue(c10::ivalue::Tuple::create(std::move(stack_))), c10::IValue(isAsync_)};
 }
 
-std::unique_ptr<ScriptCall> ScriptCall::fromMessage(const Message& m) {
-  return fromFields(decodeFields(m, MessageType::kScriptCall));
+std::unique_ptr<ScriptCall> ScriptCall::fromMessage(const Message& m, const ObjectCodec* objects) {
+  return fromFields(decodeFields(m, MessageType::kScriptCall, objects));
 }
 
 std::unique_ptr<ScriptCall> ScriptCall::fromFields(std::vector<c10::IValue>&& f) {
@@ -16,8 +16,8 @@ std::unique_ptr<ScriptCall> ScriptCall::fromFields(std::vector<c10::IValue>&& f)
                                       f[2].toBool());
 }
 
-std::unique_ptr<ScriptRet> ScriptRet::fromMessage(const Message& m) {
-  return fromFields(decodeFields(m, MessageType::kScriptRet));
+std::unique_ptr<ScriptRet> ScriptRet::fromMessage(const Message& m, const ObjectCodec* objects) {
+  return fromFields(decodeFields(m, MessageType::kScriptRet, objects));
 }
 
 std::unique_ptr<ScriptRet> ScriptRet::fromFields(std::vector<c10::IValue>&& f) {
@@ -31,8 +31,8 @@ std::vector<c10::IValue> ScriptRemoteCall::fields() && {
   return f;
 }
 
-std::unique_ptr<ScriptRemoteCall> ScriptRemoteCall::fromMessage(const Message& m) {
-  return fromFields(decodeFields(m, MessageType::kScriptRemoteCall));
+std::unique_ptr<ScriptRemoteCall> ScriptRemoteCall::fromMessage(const Message& m, const ObjectCodec* objects) {
+  return fromFields(decodeFields(m, MessageType::kScriptRemoteCall, objects));
 }
 
 std::unique_ptr<ScriptRemoteCall> ScriptRemoteCall::fromFields(std::vector<c10::IValue>&& f) {

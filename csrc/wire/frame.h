@@ -11,7 +11,7 @@
 
 #include <c10/core/Storage.h>
 
-#include "messages/message.h"
+#include "wire/envelope.h"
 
 namespace torchrpc {
 
