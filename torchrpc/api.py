@@ -8,18 +8,18 @@ import os
 import threading
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
 import scripted_ops
-from torchrpc import _C, python_udf, rendezvous, trust
+from torchrpc import _C, _handle, python_udf, rendezvous, trust
+from torchrpc._handle import _State, _current, _timeout
 from torchrpc.compat import BackendType, RpcBackendOptions, TensorPipeRpcBackendOptions
 from torchrpc.rref import RRef, _unwrap, _wrap
 from torchrpc.errors import (
     FunctionNotFoundError,
     InvalidWorkerError,
-    PythonCallDisabledError,
     RpcError,
     RpcShutdownError,
     RpcTimeoutError,
@@ -119,34 +119,8 @@ class WorkerInfo:
         rendezvous.check_name(self.name)
 
 
-class _State:
-    """What init_rpc sets up: the one process-wide handle."""
-
-    def __init__(self, agent, store, workers, options):
-        self.agent = agent
-        self.store = store
-        self.workers = workers  # list of WorkerInfo, indexed by id
-        self.by_name = {w.name: w for w in workers}
-        self.python_udf = [False] * len(workers)
-        self.options = options
-        self.remote_schemas: Dict[tuple, Any] = {}
-        self.self_info: Optional[WorkerInfo] = None
-
-
-_state: Optional[_State] = None
-_lock = threading.Lock()
+_lock = threading.Lock()  # init_rpc and shutdown set and clear the handle (torchrpc._handle)
 _registered: Dict[str, torch.jit.ScriptFunction] = {}
-_initializing = threading.Event()  # set while init_rpc runs
-_initialized = threading.Event()  # set when init_rpc finished (or failed)
-
-
-def _current() -> _State:
-    if _state is None and _initializing.is_set():
-        # A peer that finished rendezvous first may already be calling us.
-        _initialized.wait(timeout=60)
-    if _state is None:
-        raise RpcShutdownError("torchrpc: RPC is not running (call torchrpc.init_rpc first)")
-    return _state
 
 
 def init_rpc(
@@ -168,20 +142,19 @@ def init_rpc(
     "env://" (the default: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, as
     torchrun sets them) or "tcp://host:port"; rank 0 hosts the rendezvous store.
     """
-    global _state
     options, init_method = _resolve_options(backend, rpc_backend_options, options, init_method)
     rendezvous.check_name(name)
     host, port, rank, world_size = rendezvous.parse_init_method(init_method, rank, world_size)
     with _lock:
-        if _state is not None:
+        if _handle._state is not None:
             raise RuntimeError("torchrpc: init_rpc was already called in this process")
-        _initialized.clear()
-        _initializing.set()
+        _handle._initialized.clear()
+        _handle._initializing.set()
         try:
             _start(name, rank, world_size, host, port, options)
         finally:
-            _initializing.clear()
-            _initialized.set()
+            _handle._initializing.clear()
+            _handle._initialized.set()
 
 
 def _resolve_options(backend, rpc_backend_options, options, init_method):
@@ -227,22 +200,16 @@ def _transports(chosen: Optional[Sequence[str]]) -> List[str]:
     return chosen
 
 
-def _start(name, rank, world_size, host, port, options):
-    """Rendezvous and agent start-up; init_rpc's body."""
-    global _state
-    deadline = time.monotonic() + options.init_timeout
-    secret = trust.configured_secret(options.secret)
-    my_host = rendezvous.local_address_towards(host)
-    trust.check_listen_host(my_host, secret, options.insecure)
-    store = rendezvous.open_store(host, port, rank, world_size, deadline)
-    job_id, secret = trust.job_credentials(store, rank, secret)
-    agent = _C.Agent(name, rank, {
+def agent_options(options: RpcOptions, host: str, secret: bytes, job_id: str) -> dict:
+    """What _C.Agent takes: `options` for a worker listening on `host` (TCP)
+    with the job's credentials."""
+    return {
         "num_worker_threads": options.num_worker_threads,
         "rpc_timeout": float(options.rpc_timeout),
         "python_udf": options.python_udf,
         "faults": options.faults or "",
-        "listen_host": my_host,
-        "advertised_host": my_host,
+        "listen_host": host,
+        "advertised_host": host,
         "secret": secret,
         "job_id": job_id,
         "handshake_timeout": float(options.handshake_timeout),
@@ -254,7 +221,18 @@ def _start(name, rank, world_size, host, port, options):
         "transports": _transports(options.transports),
         "shm_ring_bytes": int(options.shm_ring_bytes),
         "shm_pool_bytes": int(options.shm_pool_bytes),
-    })
+    }
+
+
+def _start(name, rank, world_size, host, port, options):
+    """Rendezvous and agent start-up; init_rpc's body."""
+    deadline = time.monotonic() + options.init_timeout
+    secret = trust.configured_secret(options.secret)
+    my_host = rendezvous.local_address_towards(host)
+    trust.check_listen_host(my_host, secret, options.insecure)
+    store = rendezvous.open_store(host, port, rank, world_size, deadline)
+    job_id, secret = trust.job_credentials(store, rank, secret)
+    agent = _C.Agent(name, rank, agent_options(options, my_host, secret, job_id))
     # Ready to serve before anyone can learn our address.
     agent.set_python_hooks(
         python_udf.run_python_call, python_udf.run_python_remote, python_udf.dumps
@@ -279,7 +257,7 @@ def _start(name, rank, world_size, host, port, options):
     state.credentials = (job_id, secret)  # for torchrpc.testing's raw clients
     state.python_udf = [w["python_udf"] for w in infos]
     state.self_info = state.workers[rank]
-    _state = state
+    _handle._state = state
 
 
 def shutdown(graceful: bool = True, timeout: Optional[float] = None,
@@ -294,9 +272,8 @@ def shutdown(graceful: bool = True, timeout: Optional[float] = None,
     waited for; they are named in a RuntimeWarning, or in an RpcShutdownError
     with raise_on_lost_peers=True.
     """
-    global _state
     with _lock:
-        state = _state
+        state = _handle._state
         if state is None:
             return
     if timeout is None:
@@ -333,7 +310,7 @@ def shutdown(graceful: bool = True, timeout: Optional[float] = None,
         # is not lost: only those that never got there are.
         lost = {r: why for r, why in agent.lost_peers().items() if r in missing}
         with _lock:
-            _state = None
+            _handle._state = None
         _C.set_current_agent(None)
         agent.shutdown()
     if graceful:
@@ -409,8 +386,8 @@ def register(fn: torch.jit.ScriptFunction) -> torch.jit.ScriptFunction:
     if not isinstance(fn, torch.jit.ScriptFunction):
         raise TypeError(f"register() takes a torch.jit.ScriptFunction, got {type(fn).__name__}")
     _registered[fn.qualified_name] = fn
-    if _state is not None:
-        _state.agent.register_function(fn.qualified_name, fn)
+    if _handle._state is not None:
+        _handle._state.agent.register_function(fn.qualified_name, fn)
     return fn
 
 
@@ -429,14 +406,6 @@ def _worker_id(state: _State, to: Union[str, int, WorkerInfo]) -> int:
         f"torchrpc: could not find destination {to!r}: not a worker name, WorkerInfo "
         f"or rank in [0, {len(state.workers)})"
     )
-
-
-def _timeout(timeout: Optional[float]) -> float:
-    """Seconds for the agent: None or negative (torch's UNSET_RPC_TIMEOUT is
-    -1) take RpcOptions.rpc_timeout; 0 waits forever."""
-    if timeout is None or timeout < 0:
-        return -1.0  # the agent's default
-    return float(timeout)
 
 
 def _builtin_name(func) -> Optional[str]:
@@ -503,43 +472,7 @@ def _invoke(to, func, args, kwargs, timeout, sync: bool):
         if not sync:
             return result
         return _wrap(result)
-    _check_python_udf(state, dst, func)
-    held = []  # RRefs owned by dst, sent by id: alive until the reply
-    pickled, tensors = python_udf.dumps((func, args, kwargs), dst, held)
-    what = getattr(func, "__qualname__", repr(func))
-    result = agent.python_call(dst, what, pickled, tensors, t, sync)
-    if sync:
-        del held
-        return python_udf.loads_result(result)
-    return _unpickled(result, held)
-
-
-def _check_python_udf(state, dst, func):
-    if not callable(func):
-        raise TypeError(f"torchrpc: cannot call {func!r}: not a function")
-    if not state.python_udf[dst]:
-        raise PythonCallDisabledError(
-            f"torchrpc: worker {state.workers[dst].name!r} does not run Python callables "
-            f"(it must start with RpcOptions(python_udf=True)); "
-            f"register {getattr(func, '__name__', func)!r} as a TorchScript function instead"
-        )
-
-
-def _unpickled(fut, held=None):
-    """A Future of fut's unpickled value. Not fut.then(): that would wrap a
-    remote error in RuntimeError, and callers expect the error's own class.
-    `held` stays referenced until fut completes."""
-    out = torch.futures.Future()
-    out._torchrpc_source = fut  # for cancel()
-
-    def done(f, held=held):
-        try:
-            out.set_result(python_udf.loads_result(f.value()))
-        except BaseException as e:
-            out.set_exception(e)
-
-    fut.add_done_callback(done)
-    return out
+    return python_udf.call(state, dst, func, args, kwargs, t, sync)
 
 
 def rpc_sync(to, func, args=None, kwargs=None, timeout: Optional[float] = None):
@@ -570,10 +503,7 @@ def remote(to, func, args=None, kwargs=None, timeout: Optional[float] = None) ->
         else:
             obj = agent.remote_builtin(dst, name, args, kwargs, t)
         return RRef(_script_object=obj)
-    _check_python_udf(state, dst, func)
-    pickled, tensors = python_udf.dumps((func, args, kwargs))
-    what = getattr(func, "__qualname__", repr(func))
-    return RRef(_script_object=agent.remote_python(dst, what, pickled, tensors, t))
+    return RRef(_script_object=python_udf.remote(state, dst, func, args, kwargs, t))
 
 
 def debug_info() -> dict:
@@ -589,5 +519,5 @@ def debug_info() -> dict:
 @atexit.register
 def _close_at_exit():
     # A process that never called shutdown() must still exit: close locally.
-    if _state is not None:
+    if _handle._state is not None:
         shutdown(graceful=False)

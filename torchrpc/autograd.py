@@ -19,7 +19,7 @@ from typing import Dict, List
 import torch
 
 from torchrpc import _C
-from torchrpc.api import _current
+from torchrpc._handle import _current
 
 __all__ = ["context", "backward", "get_gradients"]
 

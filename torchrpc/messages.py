@@ -21,7 +21,7 @@ __all__ = ["MessageType", "Message", "encode", "decode", "MESSAGE_CLASSES"]
 _SPECS = _C.message_specs()
 
 MessageType = enum.IntEnum("MessageType", [(name, value) for value, name, _, _ in _SPECS])
-MessageType.__doc__ = "The numbered message types of the wire format (csrc/messages/message_type.h)."
+MessageType.__doc__ = "The numbered message types of the wire format (csrc/wire/message_type.h)."
 
 
 class Message:

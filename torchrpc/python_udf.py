@@ -1,4 +1,5 @@
-"""The Python fallback: pickling callables and values with tensors beside.
+"""The Python fallback: pickling callables and values with tensors beside,
+calling them on a worker that opted in (python_udf=True), and running them there.
 
 Tensors are taken out of the pickle stream (persistent ids) so their bytes
 travel beside the payload, written straight from tensor memory. The pickle
@@ -18,6 +19,7 @@ import torch
 
 from torchrpc import _C
 from torchrpc import rref as rref_mod
+from torchrpc.errors import PythonCallDisabledError
 from torchrpc.functions import _is_async_execution
 
 
@@ -74,6 +76,58 @@ def loads(pickled, tensors):
 def loads_result(value):
     """Unpickles the (pickled, tensors) pair a PYTHON_RET future holds."""
     return loads(value[0], value[1])
+
+
+def call(state, dst, func, args, kwargs, timeout, sync):
+    """Calls `func(*args, **kwargs)` on worker `dst` (rpc_sync and rpc_async
+    of a Python callable, RRef proxies): its result, or a Future of it."""
+    _check_python_udf(state, dst, func)
+    held = []  # RRefs owned by dst, sent by id: alive until the reply
+    pickled, tensors = dumps((func, args, kwargs), dst, held)
+    result = state.agent.python_call(dst, _what(func), pickled, tensors, timeout, sync)
+    if sync:
+        del held
+        return loads_result(result)
+    return _unpickled(result, held)
+
+
+def remote(state, dst, func, args, kwargs, timeout):
+    """remote() of a Python callable: the script object of the RRef to its result."""
+    _check_python_udf(state, dst, func)
+    pickled, tensors = dumps((func, args, kwargs))
+    return state.agent.remote_python(dst, _what(func), pickled, tensors, timeout)
+
+
+def _what(func):
+    return getattr(func, "__qualname__", repr(func))
+
+
+def _check_python_udf(state, dst, func):
+    if not callable(func):
+        raise TypeError(f"torchrpc: cannot call {func!r}: not a function")
+    if not state.python_udf[dst]:
+        raise PythonCallDisabledError(
+            f"torchrpc: worker {state.workers[dst].name!r} does not run Python callables "
+            f"(it must start with RpcOptions(python_udf=True)); "
+            f"register {getattr(func, '__name__', func)!r} as a TorchScript function instead"
+        )
+
+
+def _unpickled(fut, held=None):
+    """A Future of fut's unpickled value. Not fut.then(): that would wrap a
+    remote error in RuntimeError, and callers expect the error's own class.
+    `held` stays referenced until fut completes."""
+    out = torch.futures.Future()
+    out._torchrpc_source = fut  # for cancel()
+
+    def done(f, held=held):
+        try:
+            out.set_result(loads_result(f.value()))
+        except BaseException as e:
+            out.set_exception(e)
+
+    fut.add_done_callback(done)
+    return out
 
 
 def run_python_call(pickled, tensors):

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import torch
 
-from torchrpc import _C
+from torchrpc import _C, _handle
 
 __all__ = ["RRef"]
 
@@ -53,9 +53,7 @@ class RRef:
 
     def owner(self):
         """The owner's WorkerInfo."""
-        from torchrpc import api
-
-        return api._current().workers[self._info()[1]]
+        return _handle._current().workers[self._info()[1]]
 
     def owner_name(self) -> str:
         return self.owner().name
@@ -67,10 +65,10 @@ class RRef:
     def to_here(self, timeout: Optional[float] = None):
         """The value, fetched from the owner (blocks; raises the error that
         creating it raised, if it failed)."""
-        from torchrpc import api, python_udf
+        from torchrpc import python_udf  # which imports this module
 
         is_owner, _, is_python, _ = self._info()
-        value = _agent().rref_fetch(self._c, api._timeout(timeout))
+        value = _agent().rref_fetch(self._c, _handle._timeout(timeout))
         if is_python and not is_owner:
             return python_udf.loads_result(value)
         return _wrap(value)
@@ -170,17 +168,23 @@ class _OwnerMethod:
 
 
 class _Proxy:
+    """rref.rpc_sync(), rpc_async() and remote(): the value's methods, called
+    on the owner as Python callables (as torchrpc.rpc_sync and co. would)."""
+
     def __init__(self, rref, how, timeout):
         self._rref, self._how, self._timeout = rref, how, timeout
 
     def __getattr__(self, name):
-        from torchrpc import api
-
-        call = getattr(api, self._how)
-
         def method(*args, **kwargs):
-            return call(self._rref.owner(), _OwnerMethod(self._rref, name), args, kwargs,
-                        timeout=self._timeout)
+            from torchrpc import python_udf  # which imports this module
+
+            state, owner = _handle._current(), self._rref._info()[1]
+            func, timeout = _OwnerMethod(self._rref, name), _handle._timeout(self._timeout)
+            if self._how == "remote":
+                obj = python_udf.remote(state, owner, func, args, kwargs, timeout)
+                return RRef(_script_object=obj)
+            sync = self._how == "rpc_sync"
+            return python_udf.call(state, owner, func, args, kwargs, timeout, sync)
 
         return method
 

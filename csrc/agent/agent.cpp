@@ -108,7 +108,12 @@ Agent::Agent(WorkerInfo self, AgentOptions options)
   }
   transport_ = std::make_unique<TransportSet>(std::move(transports));
   self_.address = transport_->address();
-  rrefs_ = std::make_shared<RRefContext>(*this);
+  rrefs_ = std::make_shared<RRefContext>(
+      self_.id, self_.name,
+      [this](int64_t to, Message&& m, double timeout, const std::string& what) {
+        return send(to, std::move(m), timeout, what);
+      },
+      [this](int64_t to, Message&& m, const std::string& what) { return sendReliably(to, std::move(m), what); });
   autograd_ = std::make_unique<DistAutograd>(
       self_.id, [this](int64_t to, Message&& m, const std::string& what) {
         if (m.type == MessageType::kCleanupAutogradContextReq) return sendReliably(to, std::move(m), what);
@@ -297,7 +302,7 @@ FuturePtr Agent::scriptCall(int64_t to, std::string qualifiedName, std::vector<c
   std::vector<RRefPtr> held;
   {
     SendingTo scope(to);
-    request = ScriptCall(std::move(qualifiedName), std::move(stack)).toMessage();
+    request = ScriptCall(std::move(qualifiedName), std::move(stack)).toMessage(rrefs_->objectCodec());
     held = scope.take();
   }
   FuturePtr fut = send(to, std::move(request), timeoutSeconds, what);
@@ -483,14 +488,16 @@ void completeOwnerWith(const RRefPtr& owner, const c10::IValue& result) {
 }
 
 std::optional<Message> Agent::runRequest(Message& request, int64_t from, const Responder& respond) {
+  const ObjectCodec* objects = rrefs_->objectCodec();  // RRefs in the request and its reply
   switch (request.type) {
     case MessageType::kScriptCall: {
       ReceivedForks forks;
-      auto call = ScriptCall::fromMessage(request);
+      auto call = ScriptCall::fromMessage(request, objects);
       forks.waitConfirmed();
       c10::IValue result = runScript(*call);
-      if (!result.isFuture()) return ScriptRet(std::move(result)).toMessage();
-      respondWhenDone(result.toFuture(), respond, [](const c10::IValue& v) { return ScriptRet(v).toMessage(); });
+      if (!result.isFuture()) return ScriptRet(std::move(result)).toMessage(objects);
+      respondWhenDone(result.toFuture(), respond,
+                      [objects](const c10::IValue& v) { return ScriptRet(v).toMessage(objects); });
       return std::nullopt;
     }
     case MessageType::kPythonCall:
@@ -498,7 +505,7 @@ std::optional<Message> Agent::runRequest(Message& request, int64_t from, const R
       return python_.runCall(std::move(request), respond);
     case MessageType::kScriptRemoteCall: {
       ReceivedForks forks;
-      auto call = ScriptRemoteCall::fromMessage(request);
+      auto call = ScriptRemoteCall::fromMessage(request, objects);
       forks.waitConfirmed();
       auto owner = rrefs_->ownerForRemoteCall(call->rrefId(), call->forkId(), false, from);
       try {
@@ -528,7 +535,7 @@ std::optional<Message> Agent::runRequest(Message& request, int64_t from, const R
     case MessageType::kScriptRRefFetchCall: {
       auto owner = rrefs_->ownerForFetch(ScriptRRefFetchCall::fromMessage(request)->rrefId());
       respondWhenDone(owner->valueFuture(), respond,
-                      [](const c10::IValue& v) { return ScriptRRefFetchRet(v).toMessage(); });
+                      [objects](const c10::IValue& v) { return ScriptRRefFetchRet(v).toMessage(objects); });
       return std::nullopt;
     }
     case MessageType::kPythonRRefFetchCall: {
@@ -643,6 +650,7 @@ void Agent::completeResponse(Message&& response) {
     pending_.erase(it);
     if (pending_.empty()) idleCv_.notify_all();
   }
+  const ObjectCodec* objects = rrefs_->objectCodec();  // RRefs in the response
   try {
     if (response.type == MessageType::kForwardAutogradResp) {
       AutogradHeader header;
@@ -650,7 +658,7 @@ void Agent::completeResponse(Message&& response) {
     }
     switch (response.type) {
       case MessageType::kScriptRet:
-        p.future->markCompleted(std::move(ScriptRet::fromMessage(response)->value()));
+        p.future->markCompleted(std::move(ScriptRet::fromMessage(response, objects)->value()));
         return;
       case MessageType::kPythonRet:
         p.future->markCompleted(pickledTuple(PythonRet::fromMessage(response)->value()));
@@ -662,7 +670,7 @@ void Agent::completeResponse(Message&& response) {
         p.future->markCompleted(c10::IValue(CancelRet::fromMessage(response)->neverRan()));
         return;
       case MessageType::kScriptRRefFetchRet:
-        p.future->markCompleted(std::move(ScriptRRefFetchRet::fromMessage(response)->value()));
+        p.future->markCompleted(std::move(ScriptRRefFetchRet::fromMessage(response, objects)->value()));
         return;
       case MessageType::kPythonRRefFetchRet:
         p.future->markCompleted(pickledTuple(PythonRRefFetchRet::fromMessage(response)->value()));

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "agent/function_registry.h"
+#include "agent/param_store.h"
 #include "autograd/dist_autograd.h"
 #include "messages/control.h"
 #include "messages/python_call.h"
@@ -32,7 +33,6 @@
 #include "agent/thread_pool.h"
 #include "agent/transport.h"
 #include "agent/transport_set.h"
-#include "ops/param_store.h"
 #include "rref/rref_context.h"
 
 namespace torchrpc {

@@ -28,8 +28,8 @@ class RpcWithAutograd : public RpcCommand {
     return {c10::IValue(fromWorkerId_), c10::IValue(contextId_), c10::IValue(messageId_),
             c10::IValue(deviceMap_), wrapCommand(std::move(wrapped_))};
   }
-  static std::unique_ptr<RpcWithAutograd> fromMessage(const Message& m) {
-    return fromFields(decodeFields(m, kType));
+  static std::unique_ptr<RpcWithAutograd> fromMessage(const Message& m, const ObjectCodec* objects = nullptr) {
+    return fromFields(decodeFields(m, kType, objects));
   }
   static std::unique_ptr<RpcWithAutograd> fromFields(std::vector<c10::IValue>&& f) {
     return std::make_unique<RpcWithAutograd>(
@@ -68,8 +68,8 @@ class BackwardAutogradReq : public RpcCommand {
   std::vector<c10::IValue> fields() && override {
     return {c10::IValue(contextId_), c10::IValue(fromWorkerId_), c10::IValue(std::move(grads_))};
   }
-  static std::unique_ptr<BackwardAutogradReq> fromMessage(const Message& m) {
-    return fromFields(decodeFields(m, MessageType::kBackwardAutogradReq));
+  static std::unique_ptr<BackwardAutogradReq> fromMessage(const Message& m, const ObjectCodec* objects = nullptr) {
+    return fromFields(decodeFields(m, MessageType::kBackwardAutogradReq, objects));
   }
   static std::unique_ptr<BackwardAutogradReq> fromFields(std::vector<c10::IValue>&& f) {
     return std::make_unique<BackwardAutogradReq>(
@@ -95,8 +95,8 @@ class IntCommand : public RpcCommand {
   explicit IntCommand(int64_t value) : value_(value) {}
   MessageType type() const override { return kType; }
   std::vector<c10::IValue> fields() && override { return {c10::IValue(value_)}; }
-  static std::unique_ptr<IntCommand> fromMessage(const Message& m) {
-    return fromFields(decodeFields(m, kType));
+  static std::unique_ptr<IntCommand> fromMessage(const Message& m, const ObjectCodec* objects = nullptr) {
+    return fromFields(decodeFields(m, kType, objects));
   }
   static std::unique_ptr<IntCommand> fromFields(std::vector<c10::IValue>&& f) {
     return std::make_unique<IntCommand>(f[0].toInt());
@@ -124,8 +124,8 @@ class RunWithProfiling : public RpcCommand {
     return {c10::IValue(std::move(profilerData_)), profilingKey_.toIValue(),
             wrapCommand(std::move(wrapped_))};
   }
-  static std::unique_ptr<RunWithProfiling> fromMessage(const Message& m) {
-    return fromFields(decodeFields(m, kType));
+  static std::unique_ptr<RunWithProfiling> fromMessage(const Message& m, const ObjectCodec* objects = nullptr) {
+    return fromFields(decodeFields(m, kType, objects));
   }
   static std::unique_ptr<RunWithProfiling> fromFields(std::vector<c10::IValue>&& f) {
     return std::make_unique<RunWithProfiling>(f[0].toStringRef(), GloballyUniqueId::fromIValue(f[1]),
@@ -152,8 +152,8 @@ class RRefBackwardReq : public RpcCommand {
   std::vector<c10::IValue> fields() && override {
     return {rrefId_.toIValue(), c10::IValue(contextId_), c10::IValue(retainGraph_)};
   }
-  static std::unique_ptr<RRefBackwardReq> fromMessage(const Message& m) {
-    return fromFields(decodeFields(m, MessageType::kRRefBackwardReq));
+  static std::unique_ptr<RRefBackwardReq> fromMessage(const Message& m, const ObjectCodec* objects = nullptr) {
+    return fromFields(decodeFields(m, MessageType::kRRefBackwardReq, objects));
   }
   static std::unique_ptr<RRefBackwardReq> fromFields(std::vector<c10::IValue>&& f) {
     return std::make_unique<RRefBackwardReq>(GloballyUniqueId::fromIValue(f[0]), f[1].toInt(),

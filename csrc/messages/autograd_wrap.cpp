@@ -19,11 +19,13 @@ Message wrapWithAutograd(MessageType outerType, const AutogradHeader& header, Me
   m.payload.reserve(inner.payload.size() + 64);
   Writer w(m.payload);
   w.u32(kForwardFields);
-  std::vector<at::Tensor> none;  // the header fields hold no tensors
-  encodeIValue(c10::IValue(header.fromWorkerId), w, none);
-  encodeIValue(c10::IValue(header.contextId), w, none);
-  encodeIValue(c10::IValue(header.messageId), w, none);
-  encodeIValue(c10::IValue(c10::Dict<std::string, std::string>()), w, none);
+  // The header fields hold no tensors and no objects; the inner payload,
+  // which may, is spliced in as its sender encoded it.
+  std::vector<at::Tensor> none;
+  encodeIValue(c10::IValue(header.fromWorkerId), w, none, nullptr);
+  encodeIValue(c10::IValue(header.contextId), w, none, nullptr);
+  encodeIValue(c10::IValue(header.messageId), w, none, nullptr);
+  encodeIValue(c10::IValue(c10::Dict<std::string, std::string>()), w, none, nullptr);
   encodeWrappedHead(w, static_cast<int64_t>(inner.type));
   w.raw(inner.payload.data(), inner.payload.size());
   m.tensors = std::move(inner.tensors);
@@ -36,10 +38,10 @@ Message unwrapAutograd(Message&& outer, AutogradHeader& header) {
   if (r.u32() != kForwardFields) throwDecode(messageTypeName(outer.type) + " has a wrong field count");
   c10::IValue f[3];
   for (auto& v : f) {
-    v = decodeIValue(r, outer.tensors);
+    v = decodeIValue(r, outer.tensors, nullptr);
     if (!v.isInt()) throwDecode(messageTypeName(outer.type) + " header field is not an int");
   }
-  if (!decodeIValue(r, outer.tensors).isGenericDict()) throwDecode("device map is not a dict");
+  if (!decodeIValue(r, outer.tensors, nullptr).isGenericDict()) throwDecode("device map is not a dict");
   int64_t type = decodeWrappedHead(r);
   if (type < 1 || type > UINT16_MAX || !isKnownMessageType(static_cast<uint16_t>(type)) ||
       isForward(static_cast<MessageType>(type))) {

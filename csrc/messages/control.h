@@ -18,8 +18,8 @@ class RemoteException : public RpcCommand {
     return {c10::IValue(std::move(errorType_)), c10::IValue(std::move(message_)),
             c10::IValue(std::move(traceback_))};
   }
-  static std::unique_ptr<RemoteException> fromMessage(const Message& m) {
-    return fromFields(decodeFields(m, MessageType::kException));
+  static std::unique_ptr<RemoteException> fromMessage(const Message& m, const ObjectCodec* objects = nullptr) {
+    return fromFields(decodeFields(m, MessageType::kException, objects));
   }
   static std::unique_ptr<RemoteException> fromFields(std::vector<c10::IValue>&& f) {
     return std::make_unique<RemoteException>(f[0].toStringRef(), f[1].toStringRef(), f[2].toStringRef());
@@ -44,8 +44,8 @@ class Handshake : public RpcCommand {
   std::vector<c10::IValue> fields() && override {
     return {c10::IValue(std::move(workerName_)), c10::IValue(workerId_), c10::IValue(protocolVersion_)};
   }
-  static std::unique_ptr<Handshake> fromMessage(const Message& m) {
-    return fromFields(decodeFields(m, MessageType::kHandshake));
+  static std::unique_ptr<Handshake> fromMessage(const Message& m, const ObjectCodec* objects = nullptr) {
+    return fromFields(decodeFields(m, MessageType::kHandshake, objects));
   }
   static std::unique_ptr<Handshake> fromFields(std::vector<c10::IValue>&& f) {
     return std::make_unique<Handshake>(f[0].toStringRef(), f[1].toInt(), f[2].toInt());
@@ -69,8 +69,8 @@ class CancelRet : public RpcCommand {
   explicit CancelRet(bool neverRan) : neverRan_(neverRan) {}
   MessageType type() const override { return MessageType::kCancelRet; }
   std::vector<c10::IValue> fields() && override { return {c10::IValue(neverRan_)}; }
-  static std::unique_ptr<CancelRet> fromMessage(const Message& m) {
-    return fromFields(decodeFields(m, MessageType::kCancelRet));
+  static std::unique_ptr<CancelRet> fromMessage(const Message& m, const ObjectCodec* objects = nullptr) {
+    return fromFields(decodeFields(m, MessageType::kCancelRet, objects));
   }
   static std::unique_ptr<CancelRet> fromFields(std::vector<c10::IValue>&& f) {
     return std::make_unique<CancelRet>(f[0].toBool());
@@ -93,8 +93,8 @@ class StringCommand : public RpcCommand {
   explicit StringCommand(std::string value) : value_(std::move(value)) {}
   MessageType type() const override { return kType; }
   std::vector<c10::IValue> fields() && override { return {c10::IValue(std::move(value_))}; }
-  static std::unique_ptr<StringCommand> fromMessage(const Message& m) {
-    return fromFields(decodeFields(m, kType));
+  static std::unique_ptr<StringCommand> fromMessage(const Message& m, const ObjectCodec* objects = nullptr) {
+    return fromFields(decodeFields(m, kType, objects));
   }
   static std::unique_ptr<StringCommand> fromFields(std::vector<c10::IValue>&& f) {
     return std::make_unique<StringCommand>(f[0].toStringRef());

@@ -24,13 +24,13 @@ std::string GloballyUniqueId::str() const {
   return "(" + std::to_string(createdOn) + ", " + std::to_string(localId) + ")";
 }
 
-Message RpcCommand::toMessage() && {
+Message RpcCommand::toMessage(const ObjectCodec* objects) && {
   Message m;
   m.type = type();
   std::vector<c10::IValue> f = std::move(*this).fields();
   Writer w(m.payload);
   w.u32(Writer::checkedLength(f.size()));
-  for (const auto& v : f) encodeIValue(v, w, m.tensors);
+  for (const auto& v : f) encodeIValue(v, w, m.tensors, objects);
   return m;
 }
 
@@ -133,43 +133,7 @@ const MessageSpec& specFor(MessageType type) {
   return allSpecs().at(static_cast<size_t>(type) - 1);
 }
 
-const std::string& messageTypeName(MessageType type) {
-  static const std::vector<std::string> names = {
-      "SCRIPT_CALL", "SCRIPT_RET", "PYTHON_CALL", "PYTHON_RET", "SCRIPT_REMOTE_CALL",
-      "PYTHON_REMOTE_CALL", "REMOTE_RET", "SCRIPT_RREF_FETCH_CALL", "PYTHON_RREF_FETCH_CALL",
-      "SCRIPT_RREF_FETCH_RET", "PYTHON_RREF_FETCH_RET", "RREF_USER_DELETE", "RREF_FORK_REQUEST",
-      "RREF_CHILD_ACCEPT", "RREF_ACK", "FORWARD_AUTOGRAD_REQ", "FORWARD_AUTOGRAD_RESP",
-      "BACKWARD_AUTOGRAD_REQ", "BACKWARD_AUTOGRAD_RESP", "CLEANUP_AUTOGRAD_CONTEXT_REQ",
-      "CLEANUP_AUTOGRAD_CONTEXT_RESP", "RUN_WITH_PROFILING_REQ", "RUN_WITH_PROFILING_RESP",
-      "RREF_BACKWARD_REQ", "RREF_BACKWARD_RESP", "EXCEPTION", "HANDSHAKE", "HEARTBEAT", "CANCEL",
-      "SCHEMA_QUERY", "SCHEMA_RET", "SHUTDOWN_NOTICE", "CANCEL_RET"};
-  static_assert(kMaxMessageType == 33, "name the new message type above");
-  return names.at(static_cast<size_t>(type) - 1);
-}
-
-bool isResponse(MessageType type) {
-  switch (type) {
-    case MessageType::kScriptRet:
-    case MessageType::kPythonRet:
-    case MessageType::kRemoteRet:
-    case MessageType::kScriptRRefFetchRet:
-    case MessageType::kPythonRRefFetchRet:
-    case MessageType::kRRefAck:
-    case MessageType::kForwardAutogradResp:
-    case MessageType::kBackwardAutogradResp:
-    case MessageType::kCleanupAutogradContextResp:
-    case MessageType::kRunWithProfilingResp:
-    case MessageType::kRRefBackwardResp:
-    case MessageType::kException:
-    case MessageType::kSchemaRet:
-    case MessageType::kCancelRet:
-      return true;
-    default:
-      return false;
-  }
-}
-
-std::vector<c10::IValue> decodeFields(const Message& message, MessageType expected) {
+std::vector<c10::IValue> decodeFields(const Message& message, MessageType expected, const ObjectCodec* objects) {
   if (message.type != expected) {
     throwDecode("expected a " + messageTypeName(expected) + " message, got " +
                 std::to_string(static_cast<int>(message.type)));
@@ -179,7 +143,7 @@ std::vector<c10::IValue> decodeFields(const Message& message, MessageType expect
   std::vector<c10::IValue> f;
   f.reserve(n);
   try {
-    for (uint32_t i = 0; i < n; ++i) f.push_back(decodeIValue(r, message.tensors));
+    for (uint32_t i = 0; i < n; ++i) f.push_back(decodeIValue(r, message.tensors, objects));
   } catch (const RpcError&) {
     throw;
   } catch (const std::exception& e) {
@@ -248,9 +212,9 @@ std::unique_ptr<RpcCommand> commandFromFields(MessageType type, std::vector<c10:
   throwDecode("unknown message type " + std::to_string(static_cast<int>(type)));
 }
 
-std::unique_ptr<RpcCommand> commandFromMessage(const Message& message) {
+std::unique_ptr<RpcCommand> commandFromMessage(const Message& message, const ObjectCodec* objects) {
   try {
-    return commandFromFields(message.type, decodeFields(message, message.type));
+    return commandFromFields(message.type, decodeFields(message, message.type, objects));
   } catch (const RpcError&) {
     throw;
   } catch (const std::exception& e) {

@@ -1,10 +1,10 @@
 #pragma once
 
-// A Message is what the transport moves: a type, an id that pairs a response
-// with its request, a payload of bytes, and tensors that travel beside the
-// payload (referenced from it by index). Each message type is a class derived
-// from RpcCommand that turns itself into a Message with `toMessage() &&` and
-// back with a static `fromMessage(const Message&)`.
+// The commands a Message (wire/envelope.h) carries. Each message type is a
+// class derived from RpcCommand that turns itself into a Message with
+// `toMessage() &&` and back with a static `fromMessage(const Message&)`.
+// Both take the sending or receiving agent's ObjectCodec (its RRefs); null,
+// the default, means the message may hold no objects.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/ivalue.h>
@@ -14,16 +14,11 @@
 #include <vector>
 
 #include "errors.h"
-#include "messages/message_type.h"
+#include "wire/envelope.h"
 
 namespace torchrpc {
 
-struct Message {
-  MessageType type = MessageType::kScriptCall;
-  int64_t id = 0;
-  std::string payload;
-  std::vector<at::Tensor> tensors;
-};
+struct ObjectCodec;  // wire/ivalue_codec.h
 
 // Globally unique: the creating worker's id plus that worker's counter.
 struct GloballyUniqueId {
@@ -54,15 +49,16 @@ class RpcCommand {
   // The fields in the order and with the types the catalog's spec lists.
   virtual std::vector<c10::IValue> fields() && = 0;
   // Encodes fields() as the payload. Moves out of *this.
-  Message toMessage() &&;
+  Message toMessage(const ObjectCodec* objects = nullptr) &&;
 };
 
 // Decodes a message's payload into its fields, checking count and types
 // against the catalog's spec for `expected`. Used by each fromMessage.
-std::vector<c10::IValue> decodeFields(const Message& message, MessageType expected);
+std::vector<c10::IValue> decodeFields(const Message& message, MessageType expected,
+                                      const ObjectCodec* objects = nullptr);
 
 // Builds the command a message holds, whatever its type.
-std::unique_ptr<RpcCommand> commandFromMessage(const Message& message);
+std::unique_ptr<RpcCommand> commandFromMessage(const Message& message, const ObjectCodec* objects = nullptr);
 
 // Builds a command from fields already checked against its spec.
 std::unique_ptr<RpcCommand> commandFromFields(MessageType type, std::vector<c10::IValue>&& fields);

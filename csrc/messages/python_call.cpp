@@ -41,8 +41,8 @@ std::vector<c10::IValue> PythonRemoteCall::fields() && {
           c10::IValue(isAsync_), rrefId_.toIValue(), forkId_.toIValue()};
 }
 
-std::unique_ptr<PythonRemoteCall> PythonRemoteCall::fromMessage(const Message& m) {
-  return fromFields(decodeFields(m, MessageType::kPythonRemoteCall));
+std::unique_ptr<PythonRemoteCall> PythonRemoteCall::fromMessage(const Message& m, const ObjectCodec* objects) {
+  return fromFields(decodeFields(m, MessageType::kPythonRemoteCall, objects));
 }
 
 std::unique_ptr<PythonRemoteCall> PythonRemoteCall::fromFields(std::vector<c10::IValue>&& f) {

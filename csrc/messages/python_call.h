@@ -23,8 +23,8 @@ class PythonPayload : public RpcCommand {
       : value_(std::move(value)), isAsync_(isAsync) {}
   MessageType type() const override { return kType; }
   std::vector<c10::IValue> fields() && override;
-  static std::unique_ptr<PythonPayload> fromMessage(const Message& m) {
-    return fromFields(decodeFields(m, kType));
+  static std::unique_ptr<PythonPayload> fromMessage(const Message& m, const ObjectCodec* objects = nullptr) {
+    return fromFields(decodeFields(m, kType, objects));
   }
   static std::unique_ptr<PythonPayload> fromFields(std::vector<c10::IValue>&& f);
   PickledValue& value() { return value_; }
@@ -46,7 +46,7 @@ class PythonRemoteCall : public RpcCommand {
       : value_(std::move(value)), isAsync_(isAsync), rrefId_(rrefId), forkId_(forkId) {}
   MessageType type() const override { return MessageType::kPythonRemoteCall; }
   std::vector<c10::IValue> fields() && override;
-  static std::unique_ptr<PythonRemoteCall> fromMessage(const Message& m);
+  static std::unique_ptr<PythonRemoteCall> fromMessage(const Message& m, const ObjectCodec* objects = nullptr);
   static std::unique_ptr<PythonRemoteCall> fromFields(std::vector<c10::IValue>&& f);
   PickledValue& value() { return value_; }
   bool isAsync() const { return isAsync_; }

@@ -17,8 +17,8 @@ class RRefForkMessage : public RpcCommand {
   RRefForkMessage(RRefId rrefId, ForkId forkId) : rrefId_(rrefId), forkId_(forkId) {}
   MessageType type() const override { return kType; }
   std::vector<c10::IValue> fields() && override { return {rrefId_.toIValue(), forkId_.toIValue()}; }
-  static std::unique_ptr<RRefForkMessage> fromMessage(const Message& m) {
-    return fromFields(decodeFields(m, kType));
+  static std::unique_ptr<RRefForkMessage> fromMessage(const Message& m, const ObjectCodec* objects = nullptr) {
+    return fromFields(decodeFields(m, kType, objects));
   }
   static std::unique_ptr<RRefForkMessage> fromFields(std::vector<c10::IValue>&& f) {
     return std::make_unique<RRefForkMessage>(GloballyUniqueId::fromIValue(f[0]),
@@ -44,8 +44,8 @@ class RRefFetchCall : public RpcCommand {
   RRefFetchCall(RRefId rrefId, int64_t fromWorkerId) : rrefId_(rrefId), fromWorkerId_(fromWorkerId) {}
   MessageType type() const override { return kType; }
   std::vector<c10::IValue> fields() && override { return {rrefId_.toIValue(), c10::IValue(fromWorkerId_)}; }
-  static std::unique_ptr<RRefFetchCall> fromMessage(const Message& m) {
-    return fromFields(decodeFields(m, kType));
+  static std::unique_ptr<RRefFetchCall> fromMessage(const Message& m, const ObjectCodec* objects = nullptr) {
+    return fromFields(decodeFields(m, kType, objects));
   }
   static std::unique_ptr<RRefFetchCall> fromFields(std::vector<c10::IValue>&& f) {
     return std::make_unique<RRefFetchCall>(GloballyUniqueId::fromIValue(f[0]), f[1].toInt());
@@ -67,8 +67,8 @@ class ScriptRRefFetchRet : public RpcCommand {
   explicit ScriptRRefFetchRet(c10::IValue value) : value_(std::move(value)) {}
   MessageType type() const override { return MessageType::kScriptRRefFetchRet; }
   std::vector<c10::IValue> fields() && override { return {std::move(value_)}; }
-  static std::unique_ptr<ScriptRRefFetchRet> fromMessage(const Message& m) {
-    return fromFields(decodeFields(m, MessageType::kScriptRRefFetchRet));
+  static std::unique_ptr<ScriptRRefFetchRet> fromMessage(const Message& m, const ObjectCodec* objects = nullptr) {
+    return fromFields(decodeFields(m, MessageType::kScriptRRefFetchRet, objects));
   }
   static std::unique_ptr<ScriptRRefFetchRet> fromFields(std::vector<c10::IValue>&& f) {
     return std::make_unique<ScriptRRefFetchRet>(std::move(f[0]));
@@ -86,8 +86,8 @@ class RRefChildAccept : public RpcCommand {
   explicit RRefChildAccept(ForkId forkId) : forkId_(forkId) {}
   MessageType type() const override { return MessageType::kRRefChildAccept; }
   std::vector<c10::IValue> fields() && override { return {forkId_.toIValue()}; }
-  static std::unique_ptr<RRefChildAccept> fromMessage(const Message& m) {
-    return fromFields(decodeFields(m, MessageType::kRRefChildAccept));
+  static std::unique_ptr<RRefChildAccept> fromMessage(const Message& m, const ObjectCodec* objects = nullptr) {
+    return fromFields(decodeFields(m, MessageType::kRRefChildAccept, objects));
   }
   static std::unique_ptr<RRefChildAccept> fromFields(std::vector<c10::IValue>&& f) {
     return std::make_unique<RRefChildAccept>(GloballyUniqueId::fromIValue(f[0]));
@@ -104,8 +104,8 @@ class EmptyCommand : public RpcCommand {
  public:
   MessageType type() const override { return kType; }
   std::vector<c10::IValue> fields() && override { return {}; }
-  static std::unique_ptr<EmptyCommand> fromMessage(const Message& m) {
-    return fromFields(decodeFields(m, kType));
+  static std::unique_ptr<EmptyCommand> fromMessage(const Message& m, const ObjectCodec* objects = nullptr) {
+    return fromFields(decodeFields(m, kType, objects));
   }
   static std::unique_ptr<EmptyCommand> fromFields(std::vector<c10::IValue>&&) {
     return std::make_unique<EmptyCommand>();

@@ -10,7 +10,7 @@ std::optional<std::string> ScriptCall::peekName(const Message& m) {
   try {
     Reader r(m.payload.data(), m.payload.size());
     if (r.u32() < 1) return std::nullopt;
-    c10::IValue name = decodeIValue(r, m.tensors);
+    c10::IValue name = decodeIValue(r, m.tensors, nullptr);  // a name holds no objects
     if (name.isString()) return name.toStringRef();
   } catch (const std::exception&) {
   }
@@ -22,8 +22,8 @@ std::vector<c10::IValue> ScriptCall::fields() && {
           c10::IValue(c10::ivalue::Tuple::create(std::move(stack_))), c10::IValue(isAsync_)};
 }
 
-std::unique_ptr<ScriptCall> ScriptCall::fromMessage(const Message& m) {
-  return fromFields(decodeFields(m, MessageType::kScriptCall));
+std::unique_ptr<ScriptCall> ScriptCall::fromMessage(const Message& m, const ObjectCodec* objects) {
+  return fromFields(decodeFields(m, MessageType::kScriptCall, objects));
 }
 
 std::unique_ptr<ScriptCall> ScriptCall::fromFields(std::vector<c10::IValue>&& f) {
@@ -31,8 +31,8 @@ std::unique_ptr<ScriptCall> ScriptCall::fromFields(std::vector<c10::IValue>&& f)
                                       f[2].toBool());
 }
 
-std::unique_ptr<ScriptRet> ScriptRet::fromMessage(const Message& m) {
-  return fromFields(decodeFields(m, MessageType::kScriptRet));
+std::unique_ptr<ScriptRet> ScriptRet::fromMessage(const Message& m, const ObjectCodec* objects) {
+  return fromFields(decodeFields(m, MessageType::kScriptRet, objects));
 }
 
 std::unique_ptr<ScriptRet> ScriptRet::fromFields(std::vector<c10::IValue>&& f) {
@@ -46,8 +46,8 @@ std::vector<c10::IValue> ScriptRemoteCall::fields() && {
   return f;
 }
 
-std::unique_ptr<ScriptRemoteCall> ScriptRemoteCall::fromMessage(const Message& m) {
-  return fromFields(decodeFields(m, MessageType::kScriptRemoteCall));
+std::unique_ptr<ScriptRemoteCall> ScriptRemoteCall::fromMessage(const Message& m, const ObjectCodec* objects) {
+  return fromFields(decodeFields(m, MessageType::kScriptRemoteCall, objects));
 }
 
 std::unique_ptr<ScriptRemoteCall> ScriptRemoteCall::fromFields(std::vector<c10::IValue>&& f) {

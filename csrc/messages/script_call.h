@@ -16,7 +16,7 @@ class ScriptCall : public RpcCommand {
       : qualifiedName_(std::move(qualifiedName)), stack_(std::move(stack)), isAsync_(isAsync) {}
   MessageType type() const override { return MessageType::kScriptCall; }
   std::vector<c10::IValue> fields() && override;
-  static std::unique_ptr<ScriptCall> fromMessage(const Message& m);
+  static std::unique_ptr<ScriptCall> fromMessage(const Message& m, const ObjectCodec* objects = nullptr);
   static std::unique_ptr<ScriptCall> fromFields(std::vector<c10::IValue>&& f);
   // The function a SCRIPT_CALL message names, read without decoding the rest
   // (the receiving thread decides from it where to run the call); nullopt if
@@ -39,7 +39,7 @@ class ScriptRet : public RpcCommand {
   explicit ScriptRet(c10::IValue value) : value_(std::move(value)) {}
   MessageType type() const override { return MessageType::kScriptRet; }
   std::vector<c10::IValue> fields() && override { return {std::move(value_)}; }
-  static std::unique_ptr<ScriptRet> fromMessage(const Message& m);
+  static std::unique_ptr<ScriptRet> fromMessage(const Message& m, const ObjectCodec* objects = nullptr);
   static std::unique_ptr<ScriptRet> fromFields(std::vector<c10::IValue>&& f);
   c10::IValue& value() { return value_; }
 
@@ -58,7 +58,7 @@ class ScriptRemoteCall : public ScriptCall {
         forkId_(forkId) {}
   MessageType type() const override { return MessageType::kScriptRemoteCall; }
   std::vector<c10::IValue> fields() && override;
-  static std::unique_ptr<ScriptRemoteCall> fromMessage(const Message& m);
+  static std::unique_ptr<ScriptRemoteCall> fromMessage(const Message& m, const ObjectCodec* objects = nullptr);
   static std::unique_ptr<ScriptRemoteCall> fromFields(std::vector<c10::IValue>&& f);
   const RRefId& rrefId() const { return rrefId_; }
   const ForkId& forkId() const { return forkId_; }

@@ -12,8 +12,6 @@
 
 #include "agent/current_agent.h"
 #include "messages/script_call.h"
-#include "ops/param_store.h"
-#include "wire/ivalue_codec.h"
 
 namespace torchrpc {
 namespace {
@@ -63,7 +61,9 @@ void remoteKernel(const c10::OperatorHandle&, torch::jit::Stack* stack) {
   if (auto callable = agent->registry().find(name)) checkArguments(name, callable->schema(), argv);
   RRefPtr rref = agent->rrefs().remote(
       workerIdOf(*agent, to),
-      [&](const RRefId& id, const ForkId& fork) { return ScriptRemoteCall(name, argv, false, id, fork).toMessage(); },
+      [&](const RRefId& id, const ForkId& fork) {
+        return ScriptRemoteCall(name, argv, false, id, fork).toMessage(agent->rrefs().objectCodec());
+      },
       false, timeout, name);
   torch::jit::push(*stack, c10::IValue(std::move(rref)));
 }
@@ -106,15 +106,6 @@ c10::IValue rrefLocalValue(const RRefPtr& self) {
   }
   return waitFor(self->valueFuture());
 }
-
-// RRefs inside messages are forked on the way out and registered on the way in.
-const bool kRRefCodecInstalled = [] {
-  setObjectCodec(ObjectCodec{
-      "__torch__.torch.classes.torchrpc.RRef",
-      [](const c10::IValue& obj) { return currentAgent()->rrefs().fork(obj.toCustomClass<RRef>()); },
-      [](const c10::IValue& encoded) { return c10::IValue(currentAgent()->rrefs().unfork(encoded)); }});
-  return true;
-}();
 
 void sleepMs(int64_t ms) { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }
 

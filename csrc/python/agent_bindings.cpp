@@ -234,7 +234,7 @@ py::object remoteScript(Agent& agent, int64_t to, const std::string& name, const
                         const py::tuple& args, const py::dict& kwargs, double timeout) {
   torch::jit::Stack stack = scriptStack(agent, to, name, schema, args, kwargs);
   return startRemote(agent, to, name, false, timeout, [&](const RRefId& id, const ForkId& fork) {
-    return ScriptRemoteCall(name, stack, false, id, fork).toMessage();
+    return ScriptRemoteCall(name, stack, false, id, fork).toMessage(agent.rrefs().objectCodec());
   });
 }
 
@@ -359,7 +359,7 @@ void initAgentBindings(py::module_& m) {
               double timeout) {
              auto [name, stack] = builtinStack(agent, to, opName, args, kwargs);
              return startRemote(agent, to, name, false, timeout, [&](const RRefId& id, const ForkId& fork) {
-               return ScriptRemoteCall(name, stack, false, id, fork).toMessage();
+               return ScriptRemoteCall(name, stack, false, id, fork).toMessage(agent.rrefs().objectCodec());
              });
            })
       .def("rref_local",

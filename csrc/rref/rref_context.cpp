@@ -3,7 +3,6 @@
 #include <chrono>
 #include <condition_variable>
 
-#include "agent/agent.h"
 #include "messages/python_call.h"
 #include "messages/rref_proto.h"
 
@@ -47,26 +46,35 @@ RRef::~RRef() {
   if (auto c = ctx_.lock()) c->userDropped(id_, ownerId_, forkId_);
 }
 
-GloballyUniqueId RRefContext::newId() { return {agent_.self().id, nextLocalId_.fetch_add(1)}; }
+RRefContext::RRefContext(int64_t selfId, std::string selfName, Send send, SendReliably sendReliably)
+    : selfId_(selfId),
+      selfName_(std::move(selfName)),
+      send_(std::move(send)),
+      sendReliably_(std::move(sendReliably)),
+      objectCodec_{"__torch__.torch.classes.torchrpc.RRef",
+                   [this](const c10::IValue& obj) { return fork(obj.toCustomClass<RRef>()); },
+                   [this](const c10::IValue& encoded) { return c10::IValue(unfork(encoded)); }} {}
+
+GloballyUniqueId RRefContext::newId() { return {selfId_, nextLocalId_.fetch_add(1)}; }
 
 RRefPtr RRefContext::createLocalOwner(c10::IValue value, bool isPython) {
-  auto rref = c10::make_intrusive<RRef>(weak_from_this(), newId(), agent_.self().id, isPython);
+  auto rref = c10::make_intrusive<RRef>(weak_from_this(), newId(), selfId_, isPython);
   rref->valueFuture()->markCompleted(std::move(value));
   return rref;
 }
 
 RRefPtr RRefContext::getOrCreateOwnerLocked(const RRefId& id, bool isPython) {
   OwnerEntry& e = owners_[id];
-  if (!e.rref) e.rref = c10::make_intrusive<RRef>(weak_from_this(), id, agent_.self().id, isPython);
+  if (!e.rref) e.rref = c10::make_intrusive<RRef>(weak_from_this(), id, selfId_, isPython);
   return e.rref;
 }
 
 RRefPtr RRefContext::ownerAheadOfCreationLocked(const RRefId& id) {
   auto it = owners_.find(id);
   if (it != owners_.end()) return it->second.rref;
-  if (id.createdOn == agent_.self().id) {
+  if (id.createdOn == selfId_) {
     throw RpcError(ErrorKind::kRpc, "torchrpc: RRef " + id.str() + " is unknown to its owner '" +
-                                        agent_.self().name + "' (already released?)");
+                                        selfName_ + "' (already released?)");
   }
   RRefPtr owner = getOrCreateOwnerLocked(id, false);
   owners_[id].awaitingRemoteCall = true;
@@ -88,7 +96,7 @@ RRefPtr RRefContext::remote(int64_t to, const std::function<Message(const RRefId
                             bool isPython, double timeoutSeconds, const std::string& what) {
   const RRefId id = newId();
   std::weak_ptr<RRefContext> weakSelf = weak_from_this();
-  if (to == agent_.self().id) {
+  if (to == selfId_) {
     // The caller is the owner: no user fork; the entry stays while creating.
     RRefPtr owner;
     {
@@ -96,7 +104,7 @@ RRefPtr RRefContext::remote(int64_t to, const std::function<Message(const RRefId
       owner = getOrCreateOwnerLocked(id, isPython);
       owners_[id].creating += 1;
     }
-    auto fut = agent_.send(to, request(id, kNoFork), timeoutSeconds, what);
+    auto fut = send_(to, request(id, kNoFork), timeoutSeconds, what);
     fut->addCallback([weakSelf, owner, id](c10::ivalue::Future& f) {
       if (f.hasError()) owner->valueFuture()->setErrorIfNeeded(f.exception_ptr());
       auto self = weakSelf.lock();
@@ -117,7 +125,7 @@ RRefPtr RRefContext::remote(int64_t to, const std::function<Message(const RRefId
     std::lock_guard<std::mutex> g(mu_);
     unconfirmed_[forkId] = Unconfirmed{id, to, c10::weak_intrusive_ptr<RRef>(user), false};
   }
-  auto fut = agent_.send(to, request(id, forkId), timeoutSeconds, what);
+  auto fut = send_(to, request(id, forkId), timeoutSeconds, what);
   c10::weak_intrusive_ptr<RRef> weakUser(user);
   fut->addCallback([weakSelf, weakUser, forkId](c10::ivalue::Future& f) {
     if (f.hasError()) {
@@ -197,7 +205,7 @@ SendingTo::~SendingTo() {
 std::vector<RRefPtr> SendingTo::take() { return std::move(tlsHeld); }
 
 c10::IValue RRefContext::fork(const RRefPtr& rref) {
-  const int64_t self = agent_.self().id;
+  const int64_t self = selfId_;
   if (!rref->isOwner() && rref->ownerId() == tlsSendingTo) {
     tlsHeld.push_back(rref);
     return c10::IValue(c10::ivalue::Tuple::create(
@@ -230,7 +238,7 @@ RRefPtr RRefContext::unfork(const c10::IValue& info) {
   const ForkId forkId = GloballyUniqueId::fromIValue(e[2]);
   const int64_t parent = e[3].toInt();
   const bool isPython = e[4].toBool();
-  const int64_t self = agent_.self().id;
+  const int64_t self = selfId_;
   if (ownerId == self) {
     RRefPtr owner, drop;
     {
@@ -338,7 +346,7 @@ void RRefContext::sendControl(int64_t to, Message&& message, const std::string& 
                               std::function<void()> onAck, std::function<void()> onFail) {
   try {
     // Retried until acknowledged: every RRef control message is idempotent.
-    auto fut = agent_.sendReliably(to, std::move(message), what);
+    auto fut = sendReliably_(to, std::move(message), what);
     if (onAck || onFail) {
       fut->addCallback([onAck = std::move(onAck), onFail](c10::ivalue::Future& f) {
         if (!f.hasError()) {
@@ -357,10 +365,10 @@ void RRefContext::sendControl(int64_t to, Message&& message, const std::string& 
 c10::intrusive_ptr<c10::ivalue::Future> RRefContext::fetch(const RRefPtr& rref, double timeoutSeconds) {
   if (rref->isOwner()) return rref->valueFuture();
   if (rref->valueFuture()->hasError()) return rref->valueFuture();  // creation failed
-  const int64_t self = agent_.self().id;
+  const int64_t self = selfId_;
   Message m = rref->isPython() ? PythonRRefFetchCall(rref->id(), self).toMessage()
                                : ScriptRRefFetchCall(rref->id(), self).toMessage();
-  return agent_.send(rref->ownerId(), std::move(m), timeoutSeconds, "RRef.to_here");
+  return send_(rref->ownerId(), std::move(m), timeoutSeconds, "RRef.to_here");
 }
 
 void RRefContext::onPeerLost(int64_t peer) {

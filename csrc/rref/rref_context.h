@@ -1,6 +1,8 @@
 #pragma once
 
-// The RRef protocol's state on one worker, owned by its Agent.
+// The RRef protocol's state on one worker, owned by its Agent, which gives it
+// the worker's identity and a way to send (the RRef layer sits below the
+// agent and knows nothing else of it).
 //
 // Tables:
 //   owners_        value this worker owns -> the user forks registered for it.
@@ -25,11 +27,11 @@
 #include <unordered_map>
 #include <unordered_set>
 
+#include "futures.h"
 #include "rref/rref.h"
+#include "wire/ivalue_codec.h"
 
 namespace torchrpc {
-
-class Agent;
 
 // While a request is decoded in this scope, the user RRefs it carries that
 // the owner has not confirmed yet are noted; waitConfirmed() then waits for
@@ -75,7 +77,17 @@ struct RRefDebugInfo {
 
 class RRefContext : public std::enable_shared_from_this<RRefContext> {
  public:
-  explicit RRefContext(Agent& agent) : agent_(agent) {}
+  // `send` sends a request and returns the future of its response
+  // (Agent::send); `sendReliably` resends a control message until it is
+  // answered (Agent::sendReliably).
+  using Send =
+      std::function<FuturePtr(int64_t to, Message&& request, double timeoutSeconds, const std::string& what)>;
+  using SendReliably = std::function<FuturePtr(int64_t to, Message&& request, const std::string& what)>;
+  RRefContext(int64_t selfId, std::string selfName, Send send, SendReliably sendReliably);
+
+  // How this worker's messages carry RRefs: forked on the way out (fork),
+  // registered on the way in (unfork). Never null; lives as long as *this.
+  const ObjectCodec* objectCodec() const { return &objectCodec_; }
 
   GloballyUniqueId newId();
   // RRef(value): a local owner reference with its value set.
@@ -137,7 +149,11 @@ class RRefContext : public std::enable_shared_from_this<RRefContext> {
   void sendControl(int64_t to, Message&& message, const std::string& what,
                    std::function<void()> onAck = nullptr, std::function<void()> onFail = nullptr);
 
-  Agent& agent_;
+  const int64_t selfId_;
+  const std::string selfName_;
+  Send send_;
+  SendReliably sendReliably_;
+  ObjectCodec objectCodec_;
   std::mutex mu_;
   std::atomic<int64_t> nextLocalId_{1};
   std::atomic<int64_t> liveUsers_{0};

@@ -13,7 +13,7 @@
 
 #include <c10/core/Storage.h>
 
-#include "messages/message.h"
+#include "wire/envelope.h"
 
 namespace torchrpc {
 

@@ -8,11 +8,6 @@
 namespace torchrpc {
 namespace {
 
-ObjectCodec& objectCodec() {
-  static ObjectCodec codec;
-  return codec;
-}
-
 enum TypeTag : uint8_t {
   kTAny = 0,
   kTTensor = 1,
@@ -46,7 +41,19 @@ enum ValueTag : uint8_t {
   kVObject = 11,  // ObjectCodec-encoded object
 };
 
-void encodeTypeAt(const c10::TypePtr& type, Writer& out, int depth) {
+// True if `objects` is a codec for the class named `qualifiedName`.
+bool encodes(const ObjectCodec* objects, const std::string& qualifiedName) {
+  return objects && objects->className == qualifiedName;
+}
+
+// Objects are encoded by the agent that sends them (an RRef is forked);
+// encoding without an agent (Python's encode_message, say) has no codec.
+[[noreturn]] void noObjectCodec(const std::string& typeName) {
+  throw RpcError(ErrorKind::kArgument, "torchrpc: cannot send a value of type " + typeName +
+                                           " here: no object codec (RRefs travel only in an agent's messages)");
+}
+
+void encodeTypeAt(const c10::TypePtr& type, Writer& out, const ObjectCodec* objects, int depth) {
   if (depth > kMaxNesting) {
     throw RpcError(ErrorKind::kRpc, "torchrpc: type nested too deeply to encode");
   }
@@ -63,31 +70,32 @@ void encodeTypeAt(const c10::TypePtr& type, Writer& out, int depth) {
     case c10::TypeKind::NumberType: out.u8(kTNumber); return;
     case c10::TypeKind::ListType:
       out.u8(kTList);
-      encodeTypeAt(type->expectRef<c10::ListType>().getElementType(), out, depth + 1);
+      encodeTypeAt(type->expectRef<c10::ListType>().getElementType(), out, objects, depth + 1);
       return;
     case c10::TypeKind::OptionalType:
       out.u8(kTOptional);
-      encodeTypeAt(type->expectRef<c10::OptionalType>().getElementType(), out, depth + 1);
+      encodeTypeAt(type->expectRef<c10::OptionalType>().getElementType(), out, objects, depth + 1);
       return;
     case c10::TypeKind::DictType: {
       const auto& d = type->expectRef<c10::DictType>();
       out.u8(kTDict);
-      encodeTypeAt(d.getKeyType(), out, depth + 1);
-      encodeTypeAt(d.getValueType(), out, depth + 1);
+      encodeTypeAt(d.getKeyType(), out, objects, depth + 1);
+      encodeTypeAt(d.getValueType(), out, objects, depth + 1);
       return;
     }
     case c10::TypeKind::TupleType: {
       const auto& elems = type->expectRef<c10::TupleType>().elements();
       out.u8(kTTuple);
       out.u32(Writer::checkedLength(elems.size()));
-      for (const auto& e : elems) encodeTypeAt(e, out, depth + 1);
+      for (const auto& e : elems) encodeTypeAt(e, out, objects, depth + 1);
       return;
     }
     case c10::TypeKind::ClassType:
-      if (type->expectRef<c10::ClassType>().name()->qualifiedName() == objectCodec().className) {
+      if (encodes(objects, type->expectRef<c10::ClassType>().name()->qualifiedName())) {
         out.u8(kTObject);
         return;
       }
+      if (!objects) noObjectCodec(type->annotation_str());
       [[fallthrough]];
     default:
       throw RpcError(ErrorKind::kArgument,
@@ -95,7 +103,7 @@ void encodeTypeAt(const c10::TypePtr& type, Writer& out, int depth) {
   }
 }
 
-c10::TypePtr decodeTypeAt(Reader& in, int depth) {
+c10::TypePtr decodeTypeAt(Reader& in, const ObjectCodec* objects, int depth) {
   if (depth > kMaxNesting) throwDecode("type nested deeper than " + std::to_string(kMaxNesting));
   uint8_t tag = in.u8();
   switch (tag) {
@@ -110,14 +118,15 @@ c10::TypePtr decodeTypeAt(Reader& in, int depth) {
     case kTDevice: return c10::DeviceObjType::get();
     case kTNumber: return c10::NumberType::get();
     case kTObject: {
-      auto cls = objectCodec().className.empty() ? nullptr : torch::getCustomClass(objectCodec().className);
-      if (!cls) throwDecode("object type without a codec");
+      if (!objects) throwDecode("object type where no objects are accepted (no object codec)");
+      auto cls = torch::getCustomClass(objects->className);
+      if (!cls) throwDecode("object type " + objects->className + " is not registered");
       return cls;
     }
-    case kTList: return c10::ListType::create(decodeTypeAt(in, depth + 1));
-    case kTOptional: return c10::OptionalType::create(decodeTypeAt(in, depth + 1));
+    case kTList: return c10::ListType::create(decodeTypeAt(in, objects, depth + 1));
+    case kTOptional: return c10::OptionalType::create(decodeTypeAt(in, objects, depth + 1));
     case kTDict: {
-      auto key = decodeTypeAt(in, depth + 1);
+      auto key = decodeTypeAt(in, objects, depth + 1);
       switch (key->kind()) {
         case c10::TypeKind::StringType:
         case c10::TypeKind::IntType:
@@ -129,13 +138,13 @@ c10::TypePtr decodeTypeAt(Reader& in, int depth) {
         default:
           throwDecode("dict key type " + key->annotation_str() + " is not hashable");
       }
-      return c10::DictType::create(std::move(key), decodeTypeAt(in, depth + 1));
+      return c10::DictType::create(std::move(key), decodeTypeAt(in, objects, depth + 1));
     }
     case kTTuple: {
       uint32_t n = in.count(1, "tuple type");
       std::vector<c10::TypePtr> elems;
       elems.reserve(n);
-      for (uint32_t i = 0; i < n; ++i) elems.push_back(decodeTypeAt(in, depth + 1));
+      for (uint32_t i = 0; i < n; ++i) elems.push_back(decodeTypeAt(in, objects, depth + 1));
       return c10::TupleType::create(std::move(elems));
     }
     default:
@@ -148,7 +157,8 @@ uint32_t tensorIndex(const at::Tensor& t, std::vector<at::Tensor>& tensors) {
   return Writer::checkedLength(tensors.size() - 1);
 }
 
-void encodeAt(const c10::IValue& v, Writer& out, std::vector<at::Tensor>& tensors, int depth) {
+void encodeAt(const c10::IValue& v, Writer& out, std::vector<at::Tensor>& tensors, const ObjectCodec* objects,
+              int depth) {
   if (depth > kMaxNesting) {
     throw RpcError(ErrorKind::kArgument, "torchrpc: value nested deeper than " +
                                              std::to_string(kMaxNesting) + " cannot be sent");
@@ -177,33 +187,34 @@ void encodeAt(const c10::IValue& v, Writer& out, std::vector<at::Tensor>& tensor
     out.u32(tensorIndex(v.toTensor(), tensors));
   } else if (v.isList()) {
     out.u8(kVList);
-    encodeTypeAt(v.toList().elementType(), out, depth + 1);
+    encodeTypeAt(v.toList().elementType(), out, objects, depth + 1);
     auto elems = v.toListRef();
     out.u32(Writer::checkedLength(elems.size()));
-    for (const c10::IValue& e : elems) encodeAt(e, out, tensors, depth + 1);
+    for (const c10::IValue& e : elems) encodeAt(e, out, tensors, objects, depth + 1);
   } else if (v.isTuple()) {
     const auto& elems = v.toTupleRef().elements();
     out.u8(kVTuple);
     out.u32(Writer::checkedLength(elems.size()));
-    for (const auto& e : elems) encodeAt(e, out, tensors, depth + 1);
+    for (const auto& e : elems) encodeAt(e, out, tensors, objects, depth + 1);
   } else if (v.isGenericDict()) {
     auto dict = v.toGenericDict();
     out.u8(kVDict);
-    encodeTypeAt(c10::DictType::create(dict.keyType(), dict.valueType()), out, depth + 1);
+    encodeTypeAt(c10::DictType::create(dict.keyType(), dict.valueType()), out, objects, depth + 1);
     out.u32(Writer::checkedLength(dict.size()));
     for (const auto& entry : dict) {
-      encodeAt(entry.key(), out, tensors, depth + 1);
-      encodeAt(entry.value(), out, tensors, depth + 1);
+      encodeAt(entry.key(), out, tensors, objects, depth + 1);
+      encodeAt(entry.value(), out, tensors, objects, depth + 1);
     }
   } else if (v.isDevice()) {
     auto d = v.toDevice();
     out.u8(kVDevice);
     out.u8(static_cast<uint8_t>(d.type()));
     out.u8(static_cast<uint8_t>(d.index()));
-  } else if (v.isObject() && objectCodec().encode &&
-             v.toObjectRef().type()->name()->qualifiedName() == objectCodec().className) {
+  } else if (v.isObject() && encodes(objects, v.toObjectRef().type()->name()->qualifiedName())) {
     out.u8(kVObject);
-    encodeAt(objectCodec().encode(v), out, tensors, depth + 1);
+    encodeAt(objects->encode(v), out, tensors, objects, depth + 1);
+  } else if (v.isObject() && !objects) {
+    noObjectCodec(v.type()->annotation_str());
   } else {
     throw RpcError(ErrorKind::kArgument,
                    "torchrpc: cannot send a value of type " + v.type()->annotation_str());
@@ -255,7 +266,8 @@ void expectMatch(const c10::IValue& v, const c10::TypePtr& type, const char* whe
   }
 }
 
-c10::IValue decodeAt(Reader& in, const std::vector<at::Tensor>& tensors, int depth) {
+c10::IValue decodeAt(Reader& in, const std::vector<at::Tensor>& tensors, const ObjectCodec* objects,
+                     int depth) {
   if (depth > kMaxNesting) throwDecode("value nested deeper than " + std::to_string(kMaxNesting));
   uint8_t tag = in.u8();
   switch (tag) {
@@ -286,12 +298,12 @@ c10::IValue decodeAt(Reader& in, const std::vector<at::Tensor>& tensors, int dep
       return c10::IValue(tensors[i]);
     }
     case kVList: {
-      auto elemType = decodeTypeAt(in, depth + 1);
+      auto elemType = decodeTypeAt(in, objects, depth + 1);
       uint32_t n = in.count(1, "list");
       c10::impl::GenericList list(elemType);
       list.reserve(n);
       for (uint32_t i = 0; i < n; ++i) {
-        auto e = decodeAt(in, tensors, depth + 1);
+        auto e = decodeAt(in, tensors, objects, depth + 1);
         expectMatch(e, elemType, "list");
         list.push_back(std::move(e));
       }
@@ -301,12 +313,12 @@ c10::IValue decodeAt(Reader& in, const std::vector<at::Tensor>& tensors, int dep
       uint32_t n = in.count(1, "tuple");
       std::vector<c10::IValue> elems;
       elems.reserve(n);
-      for (uint32_t i = 0; i < n; ++i) elems.push_back(decodeAt(in, tensors, depth + 1));
+      for (uint32_t i = 0; i < n; ++i) elems.push_back(decodeAt(in, tensors, objects, depth + 1));
       return c10::IValue(c10::ivalue::Tuple::create(std::move(elems)));
     }
     case kVDict: {
       // One Dict type, so decodeTypeAt's hashable-key check applies.
-      auto type = decodeTypeAt(in, depth + 1);
+      auto type = decodeTypeAt(in, objects, depth + 1);
       if (type->kind() != c10::TypeKind::DictType) throwDecode("dict of non-dict type");
       const auto& dictType = type->expectRef<c10::DictType>();
       const auto& valueType = dictType.getValueType();
@@ -314,9 +326,9 @@ c10::IValue decodeAt(Reader& in, const std::vector<at::Tensor>& tensors, int dep
       c10::impl::GenericDict dict(dictType.getKeyType(), valueType);
       dict.reserve(n);
       for (uint32_t i = 0; i < n; ++i) {
-        auto k = decodeAt(in, tensors, depth + 1);
+        auto k = decodeAt(in, tensors, objects, depth + 1);
         expectMatch(k, dictType.getKeyType(), "dict key");
-        auto val = decodeAt(in, tensors, depth + 1);
+        auto val = decodeAt(in, tensors, objects, depth + 1);
         expectMatch(val, valueType, "dict value");
         dict.insert_or_assign(std::move(k), std::move(val));
       }
@@ -332,12 +344,12 @@ c10::IValue decodeAt(Reader& in, const std::vector<at::Tensor>& tensors, int dep
       return c10::IValue(c10::Device(static_cast<c10::DeviceType>(type), index));
     }
     case kVObject: {
-      auto encoded = decodeAt(in, tensors, depth + 1);
-      if (!objectCodec().decode) throwDecode("object without a codec");
+      auto encoded = decodeAt(in, tensors, objects, depth + 1);
+      if (!objects) throwDecode("object where no objects are accepted (no object codec)");
       try {
-        return objectCodec().decode(encoded);
+        return objects->decode(encoded);
       } catch (const std::exception& e) {
-        throwDecode(std::string("cannot rebuild ") + objectCodec().className + ": " + e.what());
+        throwDecode(std::string("cannot rebuild ") + objects->className + ": " + e.what());
       }
     }
     default:
@@ -363,19 +375,20 @@ int64_t decodeWrappedHead(Reader& in) {
   return type;
 }
 
-void encodeIValue(const c10::IValue& value, Writer& out, std::vector<at::Tensor>& tensors) {
-  encodeAt(value, out, tensors, 0);
+void encodeIValue(const c10::IValue& value, Writer& out, std::vector<at::Tensor>& tensors,
+                  const ObjectCodec* objects) {
+  encodeAt(value, out, tensors, objects, 0);
 }
 
-c10::IValue decodeIValue(Reader& in, const std::vector<at::Tensor>& tensors) {
-  return decodeAt(in, tensors, 0);
+c10::IValue decodeIValue(Reader& in, const std::vector<at::Tensor>& tensors, const ObjectCodec* objects) {
+  return decodeAt(in, tensors, objects, 0);
 }
 
-void encodeType(const c10::TypePtr& type, Writer& out) { encodeTypeAt(type, out, 0); }
+void encodeType(const c10::TypePtr& type, Writer& out, const ObjectCodec* objects) {
+  encodeTypeAt(type, out, objects, 0);
+}
 
-void setObjectCodec(ObjectCodec codec) { objectCodec() = std::move(codec); }
-
-c10::TypePtr decodeType(Reader& in) { return decodeTypeAt(in, 0); }
+c10::TypePtr decodeType(Reader& in, const ObjectCodec* objects) { return decodeTypeAt(in, objects, 0); }
 
 bool valueMatchesType(const c10::IValue& v, const c10::TypePtr& type) {
   switch (type->kind()) {

@@ -25,21 +25,23 @@ namespace torchrpc {
 // Deepest nesting of containers (or types) the decoder accepts.
 constexpr int kMaxNesting = 64;
 
-void encodeIValue(const c10::IValue& value, Writer& out, std::vector<at::Tensor>& tensors);
-c10::IValue decodeIValue(Reader& in, const std::vector<at::Tensor>& tensors);
-
-void encodeType(const c10::TypePtr& type, Writer& out);
-c10::TypePtr decodeType(Reader& in);
-
 // Objects of one custom class (torchrpc's RRef) cross the wire as a value
 // the class's owner produces (`encode`, e.g. registering a fork) and turns
-// back into an object (`decode`). Set once by the RRef layer.
+// back into an object (`decode`). Each agent has its own (its RRefContext's),
+// so the codec is passed to every call that may meet such an object; null
+// means none may be sent or received (RpcError naming the value's type).
 struct ObjectCodec {
   std::string className;  // qualified, "__torch__.torch.classes.torchrpc.RRef"
   std::function<c10::IValue(const c10::IValue& object)> encode;
   std::function<c10::IValue(const c10::IValue& encoded)> decode;
 };
-void setObjectCodec(ObjectCodec codec);
+
+void encodeIValue(const c10::IValue& value, Writer& out, std::vector<at::Tensor>& tensors,
+                  const ObjectCodec* objects);
+c10::IValue decodeIValue(Reader& in, const std::vector<at::Tensor>& tensors, const ObjectCodec* objects);
+
+void encodeType(const c10::TypePtr& type, Writer& out, const ObjectCodec* objects);
+c10::TypePtr decodeType(Reader& in, const ObjectCodec* objects);
 
 // A wrapped message (autograd, profiling) is the tuple (type, fields), and
 // a message payload (u32 count + fields) is exactly the body of a tuple. So

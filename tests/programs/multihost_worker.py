@@ -120,7 +120,7 @@ def init(**options):
     torchrpc.init_rpc(
         f"w{RANK}", init_method="env://", options=torchrpc.RpcOptions(**options)
     )
-    state = getattr(torchrpc.api, "_state", None)
+    state = torchrpc._handle._state
     address = state.agent.address if state is not None else None
     return {"address": address, "init_seconds": time.monotonic() - t0}
 

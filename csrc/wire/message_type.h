@@ -1,7 +1,8 @@
 #pragma once
 
 // Every message torchrpc sends. Values are part of the wire format: never
-// renumber, only append. `kMessageTypeNames` (message_type.cpp) must list each.
+// renumber, only append. messageTypeName (message_type.cpp) must name each,
+// and the catalog (messages/message.cpp) must give each its fields.
 
 #include <cstdint>
 #include <string>
