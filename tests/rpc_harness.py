@@ -1,8 +1,14 @@
-"""Runs test bodies on real worker processes over loopback TCP.
+"""Runs test bodies on real worker processes (rendezvous over loopback TCP).
 
 `run_workers(body, n)` spawns n processes; each calls init_rpc as worker
 "w{rank}", runs `body(rank)` and shuts down. Bodies are module-level
 functions (spawn pickles them by reference) and return picklable results.
+
+`run_workers(..., transport="tcp" | "shm")` forces that transport on every
+rank (RpcOptions(transports=[transport])) and checks, through
+debug_info()["connections"] read in each worker after its body, that every
+connection a worker dialed uses it (`transports_used` / `assert_transport`,
+which bodies that shut down themselves can call too).
 """
 
 import multiprocessing as mp
@@ -65,6 +71,43 @@ def spawn_and_collect(target, args_of_rank, world_size, timeout, may_die=(), lab
     return [results.get(r) for r in range(world_size)]
 
 
+# -- transports -------------------------------------------------------------------
+
+
+def options_per_rank(options, world_size, transport=None):
+    """RpcOptions kwargs per rank from one dict or a list of them; with
+    `transport`, every rank that names no transports itself gets
+    transports=[transport]."""
+    per_rank = options if isinstance(options, list) else [options or {}] * world_size
+    assert len(per_rank) == world_size, (len(per_rank), world_size)
+    if transport is None:
+        return list(per_rank)
+    return [o if "transports" in o else {**o, "transports": [transport]} for o in per_rank]
+
+
+def transports_used():
+    """{peer name: transport} for the connections this worker dialed, or None
+    once this worker has shut down (nothing left to ask)."""
+    if torchrpc._handle._state is None:
+        return None
+    return {peer: c["transport"] for peer, c in torchrpc.debug_info()["connections"].items()}
+
+
+def assert_transport(seen, expected, require_some=True):
+    """`seen`: transports_used() of each worker (None: that worker could not
+    tell). Every connection must use `expected`; with `require_some`, at
+    least one connection must have been reported."""
+    wrong = {
+        (f"w{rank}", peer): t
+        for rank, conns in enumerate(seen) if conns
+        for peer, t in conns.items() if t != expected
+    }
+    assert not wrong, f"connections not over {expected!r}: {wrong}"
+    if require_some:
+        assert any(conns for conns in seen), (
+            f"no worker reported a connection, so none is known to use {expected!r}: {seen}")
+
+
 def _child(body, rank, world_size, port, options, graceful, shutdown_timeout, queue):
     def run():
         torchrpc.init_rpc(
@@ -73,25 +116,36 @@ def _child(body, rank, world_size, port, options, graceful, shutdown_timeout, qu
             options=torchrpc.RpcOptions(**options),
         )
         result = body(rank)
+        used = transports_used() if "transports" in options else None
         torchrpc.shutdown(graceful=graceful, timeout=shutdown_timeout)
-        return result
+        return result, used
 
     report_from_child(rank, queue, run)
 
 
-def run_workers(body, world_size=2, options=None, graceful=True, timeout=90, may_die=()):
+def run_workers(body, world_size=2, options=None, graceful=True, timeout=90, may_die=(),
+                transport=None):
     """Returns [body(rank) for each rank]; raises with the child traceback on failure.
 
     `options` is RpcOptions kwargs, or a list of them per rank. Ranks in
-    `may_die` may vanish without reporting (a test kills them).
+    `may_die` may vanish without reporting (a test kills them). `transport`
+    ("tcp", "shm"): every rank uses only that one, and every connection
+    still known when the bodies return must use it; unless some rank may
+    die or shut down in its body, at least one must be known.
     """
     # Workers that finish early wait in shutdown for the slowest one.
     shutdown_timeout = timeout
     port = free_port()
-    per_rank = options if isinstance(options, list) else [options or {}] * world_size
+    per_rank = options_per_rank(options, world_size, transport)
     graceful_of = graceful if isinstance(graceful, list) else [graceful] * world_size
-    return spawn_and_collect(
+    outs = spawn_and_collect(
         _child,
         lambda r: (body, r, world_size, port, per_rank[r], graceful_of[r], shutdown_timeout),
         world_size, timeout, may_die,
     )
+    results = [out[0] if out is not None else None for out in outs]
+    if transport is not None:
+        seen = [out[1] if out is not None else None for out in outs]
+        everyone_told = not may_die and all(s is not None for s in seen)
+        assert_transport(seen, transport, require_some=everyone_told and world_size > 1)
+    return results

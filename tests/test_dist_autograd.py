@@ -147,8 +147,9 @@ def gradients_match_body(rank):
     return len(checked), wait_all_released(3)
 
 
-def test_gradients_match_local_autograd():
-    checked, alive = run_workers(gradients_match_body, 3, options=UDF, timeout=240)[0]
+def test_gradients_match_local_autograd(transport):
+    checked, alive = run_workers(gradients_match_body, 3, options=UDF, timeout=240,
+                                 transport=transport)[0]
     assert checked >= 20
     assert alive == [0, 0, 0]
 
@@ -198,8 +199,8 @@ def semantics_body(rank):
     return out
 
 
-def test_retain_graph_second_forward_and_rref_backward():
-    out = run_workers(semantics_body, 3, options=UDF, timeout=120)[0]
+def test_retain_graph_second_forward_and_rref_backward(transport):
+    out = run_workers(semantics_body, 3, options=UDF, timeout=120, transport=transport)[0]
     assert out["retain"] and out["second_forward"]
     assert out["index_grad"] is False and out["x_grad"]
     assert out["no_dot_grad"] and out["plain"] and out["rref_backward"]
@@ -296,8 +297,9 @@ def failures_body(rank):
     return out
 
 
-def test_errors_lost_peer_and_concurrent_contexts():
-    out = run_workers(failures_body, 3, options=UDF, timeout=120, graceful=False, may_die=(2,))[0]
+def test_errors_lost_peer_and_concurrent_contexts(transport):
+    out = run_workers(failures_body, 3, options=UDF, timeout=120, graceful=False, may_die=(2,),
+                      transport=transport)[0]
     assert "boom in backward" in out["error"] and "w1" in out["error"]
     assert out["threads"] == {0: True, 1: True, 2: True, 3: True}
     assert out["alive_before_loss"] == [0, 0, 0]
@@ -359,6 +361,8 @@ def stranger_body(rank):
     return replies, ok
 
 
+# Not per transport: its subject is the checks on autograd messages, which
+# the raw client can only send as TCP frames.
 def test_autograd_messages_from_a_stranger_get_clear_errors():
     replies, ok = run_workers(stranger_body, 2, options=UDF, timeout=60)[0]
     assert ok

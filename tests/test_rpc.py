@@ -8,7 +8,7 @@ from typing import List
 
 import pytest
 import torch
-from rpc_harness import run_workers
+from rpc_harness import assert_transport, run_workers, transports_used
 
 import torchrpc
 
@@ -178,15 +178,22 @@ def body_graceful(rank):
     _register()
     if rank == 1:
         futs = [torchrpc.rpc_async("w0", slow_echo, (i, 0.01)) for i in range(30)]
+        used = transports_used()  # before shutdown() forgets the connection
         torchrpc.shutdown()  # must wait for every pending call
         results = [f.wait() for f in futs]
         with pytest.raises(torchrpc.RpcShutdownError):
             torchrpc.rpc_sync("w0", add, (torch.ones(1), torch.ones(1)))
-        return results
+        return results, used
     return None
 
 
 def body_not_graceful(rank):
+    # w0 hosts the rendezvous store: it must not leave while w1 still reads it
+    # in init_rpc. w1 touches the store no more after its add.
+    store = torchrpc.api._current().store
+    store.add("initialized", 1)
+    while rank == 0 and store.add("initialized", 0) < 2:
+        time.sleep(0.01)
     t0 = time.monotonic()
     torchrpc.shutdown(graceful=False)
     took = time.monotonic() - t0
@@ -198,8 +205,8 @@ def body_not_graceful(rank):
 # -- tests --------------------------------------------------------------------
 
 
-def test_calls_in_every_form():
-    out = run_workers(body_every_form, 2, options={"python_udf": True})[0]
+def test_calls_in_every_form(transport):
+    out = run_workers(body_every_form, 2, options={"python_udf": True}, transport=transport)[0]
     x, y = torch.arange(4.0), torch.ones(4)
     assert torch.equal(out["fn"], x + y)
     assert torch.equal(out["kwargs"], x + 3 * y)
@@ -215,9 +222,9 @@ def test_calls_in_every_form():
     assert (me.name, me.id, peer.name, peer.id) == ("w0", 0, "w1", 1)
 
 
-def test_errors_name_what_went_wrong():
+def test_errors_name_what_went_wrong(transport):
     opts = [{"python_udf": True}, {"python_udf": True}, {"python_udf": False}]
-    errors = run_workers(body_errors, 3, options=opts)[0]
+    errors = run_workers(body_errors, 3, options=opts, transport=transport)[0]
     for key in ("wrong_type", "too_many", "bad_kwarg", "by_name_wrong"):
         cls, msg = errors[key]
         assert issubclass(cls, torchrpc.ArgumentError) and issubclass(cls, TypeError), key
@@ -242,16 +249,18 @@ def test_errors_name_what_went_wrong():
     assert issubclass(errors["bad_builtin_args"][0], torchrpc.ArgumentError)
 
 
-def test_timeouts_raise_and_late_replies_are_dropped():
-    elapsed, msg, after = run_workers(body_timeout, 2, options={"python_udf": True})[0]
+def test_timeouts_raise_and_late_replies_are_dropped(transport):
+    elapsed, msg, after = run_workers(body_timeout, 2, options={"python_udf": True},
+                                      transport=transport)[0]
     assert 0.25 < elapsed < 1.5
     assert "slow_echo" in msg and "w1" in msg and "0.3" in msg
     assert after == 3
 
 
-def test_killed_peer_fails_pending_calls_fast():
+def test_killed_peer_fails_pending_calls_fast(transport):
     kinds, waited = run_workers(
-        body_peer_killed, 2, options={"python_udf": True}, graceful=[False, False], may_die=(1,)
+        body_peer_killed, 2, options={"python_udf": True}, graceful=[False, False], may_die=(1,),
+        transport=transport,
     )[0]
     assert waited < 3.0, waited
     for kind in kinds:
@@ -259,18 +268,20 @@ def test_killed_peer_fails_pending_calls_fast():
         assert "w1" in kind[1]
 
 
-def test_four_workers_all_to_all():
-    for bad, total in run_workers(body_all_to_all, 4, timeout=120):
+def test_four_workers_all_to_all(transport):
+    for bad, total in run_workers(body_all_to_all, 4, timeout=120, transport=transport):
         assert (bad, total) == (0, 4 * 64)
 
 
-def test_graceful_shutdown_waits_for_pending_calls():
-    results = run_workers(body_graceful, 2, options={"python_udf": True})[1]
+def test_graceful_shutdown_waits_for_pending_calls(transport):
+    results, used = run_workers(body_graceful, 2, options={"python_udf": True},
+                                transport=transport)[1]
     assert results == list(range(30))
+    assert_transport([used], transport)
 
 
-def test_non_graceful_shutdown_is_immediate():
-    for took in run_workers(body_not_graceful, 2, graceful=False):
+def test_non_graceful_shutdown_is_immediate(transport):
+    for took in run_workers(body_not_graceful, 2, graceful=False, transport=transport):
         assert took < 1.0
 
 

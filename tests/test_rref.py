@@ -7,7 +7,7 @@ import time
 from typing import Any, List
 
 import torch
-from rpc_harness import run_workers
+from rpc_harness import assert_transport, run_workers, transports_used
 
 import scripted_ops
 import torchrpc
@@ -165,8 +165,9 @@ def body_protocol(rank):
     return out
 
 
-def test_rref_protocol_across_three_workers():
-    out = run_workers(body_protocol, 3, options={"python_udf": True}, timeout=180)[0]
+def test_rref_protocol_across_three_workers(transport):
+    out = run_workers(body_protocol, 3, options={"python_udf": True}, timeout=180,
+                      transport=transport)[0]
     x = torch.arange(4.0)
     assert torch.equal(out["script"], 2 * x)
     assert out["meta"] == (False, "w1", 1)
@@ -207,8 +208,11 @@ def body_soak(rank):
     return settle(limit=30.0), rss
 
 
-def test_leak_soak_returns_every_count_to_zero():
-    settled, rss = run_workers(body_soak, 3, options={"python_udf": True}, timeout=600)[0]
+def test_leak_soak_returns_every_count_to_zero(transport):
+    # ~15 s per transport: the full 10,000 cycles on both, since shm adds its
+    # own per-message state (ring frames, pool slots) that must not leak either.
+    settled, rss = run_workers(body_soak, 3, options={"python_udf": True}, timeout=600,
+                               transport=transport)[0]
     for worker, c in settled.items():
         assert not any(c.values()), (worker, c)
     assert rss[1] - rss[0] < 64 * 1024, rss  # KiB: flat, not growing with cycles
@@ -312,8 +316,9 @@ def body_state_machine(rank):
     return "ok"
 
 
-def test_rref_protocol_state_machine():
-    assert run_workers(body_state_machine, 3, options={"python_udf": True}, timeout=300)[0] == "ok"
+def test_rref_protocol_state_machine(transport):
+    assert run_workers(body_state_machine, 3, options={"python_udf": True}, timeout=300,
+                       transport=transport)[0] == "ok"
 
 
 def body_leak_report(rank):
@@ -323,15 +328,18 @@ def body_leak_report(rank):
     torchrpc.api._current().store.add("leak_ready", 1)
     while torchrpc.api._current().store.add("leak_ready", 0) < 2:
         time.sleep(0.01)
+    used = transports_used()  # before shutdown() forgets the connections
     try:
         torchrpc.shutdown()
     except torchrpc.RpcError as e:
-        return str(e)
-    return None
+        return str(e), used
+    return None, used
 
 
-def test_graceful_shutdown_reports_leaked_rrefs():
-    owner, user = run_workers(body_leak_report, 2, options={"rref_leaks": "raise"})
+def test_graceful_shutdown_reports_leaked_rrefs(transport):
+    (owner, owner_used), (user, user_used) = run_workers(
+        body_leak_report, 2, options={"rref_leaks": "raise"}, transport=transport)
+    assert_transport([owner_used, user_used], transport)
     assert "'w0'" in owner and "owned_values" in owner
     assert "'w1'" in user and "live_users" in user
 
@@ -372,8 +380,9 @@ def body_saved_module(rank):
     return here, there, settle()
 
 
-def test_script_module_holding_an_rref_survives_save_and_load():
-    here, there, settled = run_workers(body_saved_module, 3, options={"python_udf": True})[0]
+def test_script_module_holding_an_rref_survives_save_and_load(transport):
+    here, there, settled = run_workers(body_saved_module, 3, options={"python_udf": True},
+                                       transport=transport)[0]
     assert here.tolist() == there.tolist() == [1.0, 2.0, 3.0]
     for worker, c in settled.items():
         assert not any(c.values()), (worker, c)

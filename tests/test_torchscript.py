@@ -1,6 +1,7 @@
 """RPC from inside TorchScript: torch.ops.torchrpc, typed stubs, ScriptModules
 saved and loaded in fresh processes, and the scripted_ops library."""
 
+import json
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from typing import Any, List
 
 import pytest
 import torch
-from rpc_harness import free_port, run_workers
+from rpc_harness import assert_transport, free_port, run_workers
 
 import scripted_ops
 import torchrpc
@@ -91,8 +92,8 @@ def body_torchscript_calls(rank):
     return out
 
 
-def test_calls_from_torchscript():
-    out = run_workers(body_torchscript_calls, 2)[0]
+def test_calls_from_torchscript(transport):
+    out = run_workers(body_torchscript_calls, 2, transport=transport)[0]
     x = torch.arange(3.0)
     assert torch.equal(out["any"], x * x)
     assert torch.equal(out["builtin"], x * x)
@@ -153,8 +154,8 @@ def body_scripted_ops(rank):
     return out
 
 
-def test_scripted_ops_remotely():
-    out = run_workers(body_scripted_ops, 2)[0]
+def test_scripted_ops_remotely(transport):
+    out = run_workers(body_scripted_ops, 2, transport=transport)[0]
     x = torch.arange(4.0)
     assert torch.equal(out["echo"], x)
     assert [t.tolist() for t in out["identity"]] == [x.tolist(), [0.0, 1.0]]
@@ -180,18 +181,21 @@ class Remote(torch.nn.Module):
         return z
 
 
-def test_saved_module_calls_remote_functions_in_a_fresh_process(tmp_path):
+def test_saved_module_calls_remote_functions_in_a_fresh_process(tmp_path, transport):
     path = tmp_path / "remote.pt"
     torch.jit.save(torch.jit.script(Remote("w1")), str(path))
-    # Each worker is a bare interpreter: it imports torchrpc and nothing else.
+    # Each worker is a bare interpreter: it imports torchrpc and nothing else,
+    # and learns its transport from TORCHRPC_TRANSPORTS, as a launched job would.
     code = textwrap.dedent(
         f"""
-        import os, torch, torchrpc
+        import json, os, torch, torchrpc
         rank = int(os.environ["RANK"])
         torchrpc.init_rpc(f"w{{rank}}")
         if rank == 0:
             m = torch.jit.load({str(path)!r})
             print("RESULT", m(torch.arange(3.0)).tolist())
+            conns = torchrpc.debug_info()["connections"]
+            print("USED", json.dumps({{p: c["transport"] for p, c in conns.items()}}))
         torchrpc.shutdown()
         """
     )
@@ -199,9 +203,13 @@ def test_saved_module_calls_remote_functions_in_a_fresh_process(tmp_path):
     procs = []
     for rank in range(2):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   RANK=str(rank), WORLD_SIZE="2")
+                   RANK=str(rank), WORLD_SIZE="2", TORCHRPC_TRANSPORTS=transport)
         procs.append(subprocess.Popen([sys.executable, "-c", code], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     assert "RESULT [0.0, 2.0, 8.0]" in outs[0], outs[0]
+    used = [json.loads(line[len("USED "):]) for line in outs[0].splitlines()
+            if line.startswith("USED ")]
+    assert len(used) == 1, outs[0]
+    assert_transport(used, transport)

@@ -19,9 +19,10 @@ import signal
 import time
 import traceback
 
-from rpc_harness import free_port
+from rpc_harness import free_port, options_per_rank
 
 import torchrpc
+import torchrpc.testing
 
 _CTX = mp.get_context("spawn")
 _NOFILE = 4096  # a worker's soft RLIMIT_NOFILE: room for 1,000 connections
@@ -101,6 +102,8 @@ class World:
     """`world_size` workers w0..w{n-1} in spawned processes, on loopback.
 
     options: RpcOptions kwargs for all ranks, or a list per rank.
+    transport: "tcp" or "shm": every rank that names no transports in its
+    options uses only that one.
     env: a list per rank of extra environment variables; a worker sees
     TORCHRPC_SECRET / TORCHRPC_SECRET_FILE only if its entry sets them.
     stderr_paths: a list per rank of a file to append the worker's stderr to
@@ -110,9 +113,9 @@ class World:
     """
 
     def __init__(self, world_size, options=None, env=None, stderr_paths=None,
-                 after_ready=None, timeout=90):
+                 after_ready=None, timeout=90, transport=None):
         port = free_port()
-        per_rank = options if isinstance(options, list) else [options or {}] * world_size
+        per_rank = options_per_rank(options, world_size, transport)
         env = env or [{}] * world_size
         stderr_paths = stderr_paths or [None] * world_size
         after_ready = after_ready or {}
@@ -143,9 +146,8 @@ class World:
         return self.info[rank]["pid"]
 
     def address(self, rank):
-        """(host, port) that worker `rank` listens on."""
-        host, port = self.info[rank]["address"].rsplit(":", 1)
-        return host.strip("[]"), int(port)
+        """(host, port) that worker `rank` listens on with TCP."""
+        return torchrpc.testing.tcp_endpoint(self.info[rank]["address"])
 
     def _recv(self, rank, timeout):
         conn = self.conns[rank]

@@ -650,16 +650,16 @@ void ShmTransport::onAccepted(int fd) {
 
 std::shared_ptr<Connection> ShmTransport::connect(const std::string& address, int64_t peerId,
                                                   const std::string& peerName) {
-  if (!reaches(address)) throwPeerLost("shared memory cannot reach " + address + " from this host");
+  if (!reaches(address)) throw Unreachable("torchrpc: shared memory cannot reach " + address + " from this host");
   const std::string rest = splitScheme(address).second;
   const std::string name = rest.substr(rest.find('/') + 1);
   int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   socklen_t len;
   sockaddr_un addr = abstractAddress(name, len);
   if (fd < 0 || ::connect(fd, reinterpret_cast<sockaddr*>(&addr), len) != 0) {
-    auto msg = errnoText("cannot connect to worker '" + peerName + "' over shared memory");
+    auto msg = errnoText("torchrpc: cannot connect to worker '" + peerName + "' over shared memory");
     if (fd >= 0) ::close(fd);
-    throwPeerLost(msg);
+    throw Unreachable(msg);
   }
   const double timeout = std::min(options_.handshakeTimeout, std::max(options_.peerTimeout, 1.0));
   try {

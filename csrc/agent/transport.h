@@ -99,6 +99,15 @@ class Transport {
   virtual void shutdown() = 0;
 };
 
+// Thrown by Transport::connect when the address cannot be dialed at all
+// (nothing listens there): another transport may still reach the peer. A
+// peer that was reached but failed the handshake, or did not answer in
+// time, is a plain RpcError(kPeerLost), and no other transport is tried.
+class Unreachable : public RpcError {
+ public:
+  explicit Unreachable(const std::string& message) : RpcError(ErrorKind::kPeerLost, message) {}
+};
+
 // Builds a transport that reports to `callbacks`; its own options are bound in.
 using TransportFactory =
     std::function<std::unique_ptr<Transport>(const TransportOptions& options, TransportCallbacks callbacks)>;

@@ -34,8 +34,9 @@ std::shared_ptr<Connection> TransportSet::connect(const std::string& addresses, 
       if (splitScheme(a).first != t->scheme() || !t->reaches(a)) continue;
       try {
         return t->connect(a, peerId, peerName);
-      } catch (const RpcError& e) {
-        if (e.kind() != ErrorKind::kPeerLost) throw;  // a wrong secret is not a reason to try another way
+      } catch (const Unreachable& e) {
+        // Nothing listens there: try the next way. (A peer that answered but
+        // failed, or froze, would fail every way, each taking its timeout.)
         failures += std::string(failures.empty() ? "" : "; ") + e.what();
       }
     }
