@@ -7,24 +7,17 @@
 #include <ATen/core/ivalue.h>
 
 #include <atomic>
-#include <chrono>
 #include <memory>
-#include <thread>
 #include <vector>
 
 namespace torchrpc {
 
 using FuturePtr = c10::intrusive_ptr<c10::ivalue::Future>;
 
-// Waits for `future`, first spinning (and yielding) up to `spinNs`: a reply
-// from a peer on this host often arrives within microseconds, sooner than
-// a sleeping thread can be woken.
-constexpr int64_t kSyncSpinNs = 50'000;  // how long synchronous callers spin
-inline void waitSpinning(const FuturePtr& future, int64_t spinNs) {
-  const auto until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(spinNs);
-  while (!future->completed() && std::chrono::steady_clock::now() < until) std::this_thread::yield();
-  future->wait();
-}
+// How long a synchronous caller spins (or polls) for its reply before it
+// sleeps: a reply from a peer on this host often arrives within
+// microseconds, sooner than a sleeping thread can be woken.
+constexpr int64_t kSyncSpinNs = 50'000;
 
 // Completes `to` when `from` completes, with the same value or error.
 inline void completeFrom(const FuturePtr& from, const FuturePtr& to) {

@@ -867,6 +867,21 @@ void Agent::timeoutLoop() {
   }
 }
 
+void Agent::waitForReply(const FuturePtr& future, int64_t to) {
+  if (future->completed()) return;
+  std::shared_ptr<Connection> conn;
+  {
+    std::lock_guard<std::mutex> g(connMu_);
+    auto it = outgoing_.find(to);
+    if (it != outgoing_.end()) conn = it->second;
+  }
+  const auto until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(kSyncSpinNs);
+  while (!future->completed() && std::chrono::steady_clock::now() < until) {
+    if (!conn || !conn->poll()) std::this_thread::yield();
+  }
+  future->wait();
+}
+
 std::vector<Agent::ConnectionInfo> Agent::connections() {
   std::vector<std::pair<int64_t, std::shared_ptr<Connection>>> conns;
   {

@@ -109,6 +109,10 @@ class Agent {
   FuturePtr sendReliably(int64_t to, Message&& request, const std::string& what);
   FuturePtr scriptCall(int64_t to, std::string qualifiedName, std::vector<c10::IValue> stack,
                        double timeoutSeconds);
+  // Waits for `future`, the reply to a request sent to `to`: for up to
+  // kSyncSpinNs it reads the connection itself where the transport allows
+  // (Connection::poll), else spins, then sleeps until completion.
+  void waitForReply(const FuturePtr& future, int64_t to);
 
   // Backward from the tensor `owner` holds (waiting for it if still being
   // created): within autograd context `contextId`, or a plain local backward

@@ -63,6 +63,7 @@ class FaultyConnection : public Connection {
   }
   void send(const Message& message) override;
   void close() override { inner_->close(); }
+  bool poll() override { return inner_->poll(); }
   const char* transportName() const override { return inner_->transportName(); }
   std::vector<std::pair<std::string, int64_t>> stats() const override { return inner_->stats(); }
   const std::shared_ptr<Connection>& inner() const { return inner_; }

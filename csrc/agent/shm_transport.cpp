@@ -263,6 +263,19 @@ class ShmTransport::ShmConnection : public Connection, public std::enable_shared
 
   void close() override { requestClose(CloseReason::kLocal, "closed locally"); }
 
+  // A caller waiting for a reply reads it itself when the reader thread is
+  // not at it: no wake-up of the reader, and no hand-over from it.
+  bool poll() override {
+    std::unique_lock<std::mutex> g(readMu_, std::try_to_lock);
+    if (!g.owns_lock() || in_.readable() == 0 || closingNow()) return false;
+    try {
+      drain(shared_from_this());
+    } catch (const std::exception& e) {
+      requestClose(CloseReason::kBroken, e.what());  // the reader thread reports it
+    }
+    return true;
+  }
+
   // Ends the connection; the reader thread reports it (exactly once).
   void requestClose(CloseReason reason, const std::string& why) {
     {
@@ -384,7 +397,7 @@ class ShmTransport::ShmConnection : public Connection, public std::enable_shared
         uint64_t r = in_.waitReadable(spinNs_, kHousekeepingNs);
         if (r > 0) {
           adaptSpin(nowNs() - waitStart);
-          lastRecv_ = Clock::now();
+          std::lock_guard<std::mutex> g(readMu_);  // a polling caller may have taken it all
           drain(self);
         }
         const int64_t now = nowNs();
@@ -426,10 +439,12 @@ class ShmTransport::ShmConnection : public Connection, public std::enable_shared
     else spinNs_ /= 2;
   }
 
-  // Feeds the readable bytes to the parser, at most kDrainBytes at a time
-  // so a peer that never stops sending cannot starve housekeeping.
+  // Feeds the readable bytes to the parser (under readMu_), at most
+  // kDrainBytes at a time so a peer that never stops sending cannot starve
+  // housekeeping.
   void drain(const std::shared_ptr<ShmConnection>& self) {
     size_t total = 0;
+    if (in_.readable() > 0) lastRecv_ = Clock::now();
     while (total < kDrainBytes) {
       auto [p, n] = in_.peek();
       if (n == 0) return;
@@ -490,13 +505,16 @@ class ShmTransport::ShmConnection : public Connection, public std::enable_shared
     pollfd pfd{sock_, POLLIN | POLLRDHUP, 0};
     bool gone = in_.closed() || (::poll(&pfd, 1, 0) > 0 && (pfd.revents & (POLLHUP | POLLRDHUP | POLLERR)));
     if (gone) {
-      drain(shared_from_this());  // what it sent before leaving (a SHUTDOWN_NOTICE, say)
+      {
+        std::lock_guard<std::mutex> g(readMu_);
+        drain(shared_from_this());  // what it sent before leaving (a SHUTDOWN_NOTICE, say)
+      }
       requestClose(CloseReason::kPeerClosed, "worker " + std::to_string(peerId_) + " closed the connection");
       return;
     }
     const auto& o = transport_.options_;
     if (stalled) lastRecv_ = Clock::now();  // we were not looking: judge next time
-    if (Clock::now() - lastRecv_ > std::chrono::duration<double>(o.peerTimeout)) {
+    if (Clock::now() - lastRecv_.load() > std::chrono::duration<double>(o.peerTimeout)) {
       requestClose(CloseReason::kSilent, "worker " + std::to_string(peerId_) + " sent nothing for " +
                                              c10::str(o.peerTimeout) +
                                              " s (peer_timeout): it froze, died or the network failed");
@@ -529,14 +547,15 @@ class ShmTransport::ShmConnection : public Connection, public std::enable_shared
   std::string closeWhy_;
   std::atomic<int64_t> lastSendNs_{0};
 
-  // Reader-thread state.
+  // Reading state: the reader thread's, or a polling caller's, under readMu_.
+  std::mutex readMu_;
   enum class Stage { kPrefix, kRefs, kFrame };
   Stage stage_ = Stage::kPrefix;
   std::string staged_;
   uint32_t refCount_ = 0;
   std::vector<PoolRef> refs_;  // this frame's pool storages not yet claimed
   FrameDecoder decoder_;
-  Clock::time_point lastRecv_;
+  std::atomic<Clock::time_point> lastRecv_;
   int64_t spinNs_ = 0, maxSpinNs_ = 0;
 
   std::thread reader_, writer_;

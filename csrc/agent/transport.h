@@ -32,6 +32,12 @@ class Connection {
   virtual void send(const Message& message) = 0;
   // Closes both directions; the transport then reports onClosed once.
   virtual void close() = 0;
+  // Delivers what has arrived on this connection, on the calling thread,
+  // if the transport allows it and no other thread is reading it now; true
+  // if it delivered anything. A caller waiting for a reply polls instead of
+  // being woken by the transport's thread (shared memory); others return
+  // false and their thread delivers.
+  virtual bool poll() { return false; }
   // The worker id the handshake authenticated.
   int64_t peerId() const { return peerId_; }
   // Distinct for every connection a transport ever made (unlike its address,

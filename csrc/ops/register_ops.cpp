@@ -24,7 +24,7 @@ int64_t workerIdOf(Agent& agent, const std::string& to) {
 }
 
 // rpc_async(str to, str qualified_name, Any[] args, float timeout) -> Future(Any)
-FuturePtr startCall(torch::jit::Stack& stack) {
+FuturePtr startCall(torch::jit::Stack& stack, int64_t* callee = nullptr) {
   double timeout = stack.back().toDouble();
   c10::List<c10::IValue> args = stack[stack.size() - 2].toList();
   std::string name = stack[stack.size() - 3].toStringRef();
@@ -35,7 +35,9 @@ FuturePtr startCall(torch::jit::Stack& stack) {
   // Check here when the schema is known locally, so the error names this call
   // site before anything is sent; the callee always checks again.
   if (auto callable = agent->registry().find(name)) checkArguments(name, callable->schema(), argv);
-  return agent->scriptCall(workerIdOf(*agent, to), std::move(name), std::move(argv), timeout);
+  const int64_t id = workerIdOf(*agent, to);
+  if (callee) *callee = id;
+  return agent->scriptCall(id, std::move(name), std::move(argv), timeout);
 }
 
 void rpcAsyncKernel(const c10::OperatorHandle&, torch::jit::Stack* stack) {
@@ -43,8 +45,9 @@ void rpcAsyncKernel(const c10::OperatorHandle&, torch::jit::Stack* stack) {
 }
 
 void rpcSyncKernel(const c10::OperatorHandle&, torch::jit::Stack* stack) {
-  FuturePtr fut = startCall(*stack);
-  waitSpinning(fut, kSyncSpinNs);
+  int64_t callee = -1;
+  FuturePtr fut = startCall(*stack, &callee);
+  currentAgent()->waitForReply(fut, callee);
   if (fut->hasError()) std::rethrow_exception(fut->exception_ptr());
   torch::jit::push(*stack, fut->value());
 }
@@ -85,8 +88,10 @@ c10::IValue forkInfo(const std::vector<int64_t>& s) {
        c10::IValue(s[5]), c10::IValue(s[6] != 0)}));
 }
 
-c10::IValue waitFor(const FuturePtr& fut) {
-  waitSpinning(fut, kSyncSpinNs);
+// Waits for a reply from worker `from` (-1: a local future).
+c10::IValue waitFor(const FuturePtr& fut, int64_t from = -1) {
+  if (from >= 0) currentAgent()->waitForReply(fut, from);
+  else fut->wait();
   if (fut->hasError()) std::rethrow_exception(fut->exception_ptr());
   return fut->value();
 }
@@ -95,7 +100,7 @@ c10::IValue rrefToHere(const RRefPtr& self, double timeout) {
   if (self->isPython()) {
     throw RpcError(ErrorKind::kArgument, "torchrpc: this RRef holds a Python object; fetch it from Python");
   }
-  return waitFor(currentAgent()->rrefs().fetch(self, timeout));
+  return waitFor(currentAgent()->rrefs().fetch(self, timeout), self->ownerId());
 }
 
 c10::IValue rrefLocalValue(const RRefPtr& self) {

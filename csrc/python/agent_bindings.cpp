@@ -48,7 +48,7 @@ py::object finish(Agent& agent, const FuturePtr& fut, bool sync) {
   }
   if (!fut->completed()) {
     py::gil_scoped_release release;
-    waitSpinning(fut, kSyncSpinNs);
+    fut->wait();
   }
   if (fut->hasError()) std::rethrow_exception(fut->exception_ptr());
   return torch::jit::toPyObject(fut->value());
@@ -57,12 +57,12 @@ py::object finish(Agent& agent, const FuturePtr& fut, bool sync) {
 // Sends with `start` (GIL released) and returns finish(): a synchronous
 // call releases the GIL once, for the send and the wait together.
 template <typename Start>
-py::object finish(Agent& agent, bool sync, Start&& start) {
+py::object finish(Agent& agent, int64_t to, bool sync, Start&& start) {
   FuturePtr fut;
   {
     py::gil_scoped_release release;
     fut = start();
-    if (sync) waitSpinning(fut, kSyncSpinNs);
+    if (sync) agent.waitForReply(fut, to);
   }
   return finish(agent, fut, sync);
 }
@@ -86,7 +86,7 @@ torch::jit::Stack scriptStack(Agent& agent, int64_t to, const std::string& name,
 py::object scriptCall(Agent& agent, int64_t to, const std::string& name, const c10::FunctionSchema& schema,
                       const py::tuple& args, const py::dict& kwargs, double timeout, bool sync) {
   torch::jit::Stack stack = scriptStack(agent, to, name, schema, args, kwargs);
-  return finish(agent, sync, [&] { return agent.scriptCall(to, name, std::move(stack), timeout); });
+  return finish(agent, to, sync, [&] { return agent.scriptCall(to, name, std::move(stack), timeout); });
 }
 
 // Picks the overload of `opName` that fits the Python arguments.
@@ -109,12 +109,12 @@ std::pair<std::string, torch::jit::Stack> builtinStack(Agent& agent, int64_t to,
 py::object builtinCall(Agent& agent, int64_t to, const std::string& opName, const py::tuple& args,
                        const py::dict& kwargs, double timeout, bool sync) {
   auto [name, stack] = builtinStack(agent, to, opName, args, kwargs);
-  return finish(agent, sync, [&] { return agent.scriptCall(to, std::move(name), std::move(stack), timeout); });
+  return finish(agent, to, sync, [&] { return agent.scriptCall(to, std::move(name), std::move(stack), timeout); });
 }
 
 py::object pythonCall(Agent& agent, int64_t to, const std::string& what, at::Tensor pickled,
                       std::vector<at::Tensor> tensors, double timeout, bool sync) {
-  return finish(agent, sync, [&] {
+  return finish(agent, to, sync, [&] {
     return agent.send(to, PythonCall(PickledValue{std::move(pickled), std::move(tensors)}).toMessage(), timeout,
                       what);
   });
@@ -253,6 +253,7 @@ py::object rrefFetch(Agent& agent, const py::object& obj, double timeout) {
   {
     py::gil_scoped_release release;
     fut = agent.rrefs().fetch(rref, timeout);
+    agent.waitForReply(fut, rref->ownerId());
   }
   return finish(agent, fut, true);
 }
