@@ -433,10 +433,18 @@ def _schema_for(state: _State, to: int, name: str):
     return state.remote_schemas[key]
 
 
+# ScriptFunction -> ("script", name, schema): reading .schema builds a new
+# object each time, and this is on every call's path.
+_script_targets: Dict[torch.jit.ScriptFunction, tuple] = {}
+
+
 def _script_target(state, dst, func):
     """("script", name, schema) or ("builtin", op name, None); None for Python callables."""
     if isinstance(func, torch.jit.ScriptFunction):
-        return "script", func.qualified_name, func.schema
+        target = _script_targets.get(func)
+        if target is None:
+            target = _script_targets[func] = ("script", func.qualified_name, func.schema)
+        return target
     if isinstance(func, str):
         if "::" in func:
             return "builtin", func.split(".")[0], None
@@ -451,13 +459,19 @@ def _prepare(to, func, args, kwargs, timeout):
     """What every call resolves first: (state, destination id, args, kwargs,
     timeout for the agent, script target or None for a Python callable)."""
     state = _current()
-    dst = _worker_id(state, to)
+    dst = state.by_name[to].id if type(to) is str and to in state.by_name else _worker_id(state, to)
     args = tuple(args) if args is not None else ()
     kwargs = dict(kwargs) if kwargs is not None else {}
     target = _script_target(state, dst, func)
-    if target is not None:
-        args, kwargs = _unwrap(args), _unwrap(kwargs)
+    if target is not None and not all(type(a) in _PLAIN for a in args):
+        args = _unwrap(args)
+    if target is not None and kwargs:
+        kwargs = _unwrap(kwargs)
     return state, dst, args, kwargs, _timeout(timeout), target
+
+
+# Argument types that never hold an RRef: no need to look inside.
+_PLAIN = frozenset({torch.Tensor, int, float, bool, str, type(None)})
 
 
 def _invoke(to, func, args, kwargs, timeout, sync: bool):
@@ -469,7 +483,7 @@ def _invoke(to, func, args, kwargs, timeout, sync: bool):
             result = agent.script_call(dst, name, schema, args, kwargs, t, sync)
         else:
             result = agent.builtin_call(dst, name, args, kwargs, t, sync)
-        if not sync:
+        if not sync or type(result) in _PLAIN:
             return result
         return _wrap(result)
     return python_udf.call(state, dst, func, args, kwargs, t, sync)

@@ -876,8 +876,9 @@ void Agent::waitForReply(const FuturePtr& future, int64_t to) {
     if (it != outgoing_.end()) conn = it->second;
   }
   const auto until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(kSyncSpinNs);
-  while (!future->completed() && std::chrono::steady_clock::now() < until) {
-    if (!conn || !conn->poll()) std::this_thread::yield();
+  auto done = [&] { return future->completed(); };
+  if (!conn || !conn->pollUntil(done, until)) {
+    while (!done() && std::chrono::steady_clock::now() < until) std::this_thread::yield();
   }
   future->wait();
 }

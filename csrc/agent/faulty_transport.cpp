@@ -63,7 +63,9 @@ class FaultyConnection : public Connection {
   }
   void send(const Message& message) override;
   void close() override { inner_->close(); }
-  bool poll() override { return inner_->poll(); }
+  bool pollUntil(const std::function<bool()>& done, std::chrono::steady_clock::time_point until) override {
+    return inner_->pollUntil(done, until);
+  }
   const char* transportName() const override { return inner_->transportName(); }
   std::vector<std::pair<std::string, int64_t>> stats() const override { return inner_->stats(); }
   const std::shared_ptr<Connection>& inner() const { return inner_; }

@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <fstream>
 #include <random>
 
@@ -263,15 +264,30 @@ class ShmTransport::ShmConnection : public Connection, public std::enable_shared
 
   void close() override { requestClose(CloseReason::kLocal, "closed locally"); }
 
-  // A caller waiting for a reply reads it itself when the reader thread is
-  // not at it: no wake-up of the reader, and no hand-over from it.
-  bool poll() override {
-    std::unique_lock<std::mutex> g(readMu_, std::try_to_lock);
-    if (!g.owns_lock() || in_.readable() == 0 || closingNow()) return false;
-    try {
-      drain(shared_from_this());
-    } catch (const std::exception& e) {
-      requestClose(CloseReason::kBroken, e.what());  // the reader thread reports it
+  // A caller waiting for a reply reads the ring itself: no wake-up of the
+  // reader thread and no hand-over from it. While a caller polls, the reader
+  // thread stands aside (it neither spins nor asks to be woken), and the
+  // last caller to stop wakes it if bytes are left.
+  bool pollUntil(const std::function<bool()>& done, std::chrono::steady_clock::time_point until) override {
+    if (closingNow()) return false;
+    pollers_.fetch_add(1);
+    auto self = shared_from_this();
+    while (!done() && Clock::now() < until && !closingNow()) {
+      std::unique_lock<std::mutex> g(readMu_, std::try_to_lock);
+      if (g.owns_lock() && in_.readable() > 0) {
+        try {
+          drain(self);
+        } catch (const std::exception& e) {
+          requestClose(CloseReason::kBroken, e.what());  // the reader thread reports it
+        }
+        continue;
+      }
+      g = std::unique_lock<std::mutex>();
+      std::this_thread::yield();
+    }
+    if (pollers_.fetch_sub(1) == 1) {
+      readerEpoch_.fetch_add(1);
+      shm::futexWake(&readerEpoch_);  // process-private word, cheap when nobody sleeps
     }
     return true;
   }
@@ -393,6 +409,17 @@ class ShmTransport::ShmConnection : public Connection, public std::enable_shared
     int64_t lastHousekeeping = nowNs();
     try {
       while (!closingNow()) {
+        const uint32_t epoch = readerEpoch_.load();
+        if (pollers_.load() > 0) {
+          // A caller is reading; wait until it stops (bounded, for housekeeping).
+          shm::futexWait(&readerEpoch_, epoch, 1'000'000);
+          const int64_t now = nowNs();
+          if (now - lastHousekeeping >= kHousekeepingNs) {
+            housekeeping(false);
+            lastHousekeeping = now;
+          }
+          continue;
+        }
         const int64_t waitStart = nowNs();
         uint64_t r = in_.waitReadable(spinNs_, kHousekeepingNs);
         if (r > 0) {
@@ -549,6 +576,8 @@ class ShmTransport::ShmConnection : public Connection, public std::enable_shared
 
   // Reading state: the reader thread's, or a polling caller's, under readMu_.
   std::mutex readMu_;
+  std::atomic<int> pollers_{0};           // callers in pollUntil
+  std::atomic<uint32_t> readerEpoch_{0};  // bumped when the last one leaves
   enum class Stage { kPrefix, kRefs, kFrame };
   Stage stage_ = Stage::kPrefix;
   std::string staged_;

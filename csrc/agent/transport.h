@@ -10,6 +10,7 @@
 // "shm://<host id>/<socket name>". A worker publishes one address per
 // transport (TransportSet joins them with ',').
 
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <string>
@@ -32,12 +33,14 @@ class Connection {
   virtual void send(const Message& message) = 0;
   // Closes both directions; the transport then reports onClosed once.
   virtual void close() = 0;
-  // Delivers what has arrived on this connection, on the calling thread,
-  // if the transport allows it and no other thread is reading it now; true
-  // if it delivered anything. A caller waiting for a reply polls instead of
-  // being woken by the transport's thread (shared memory); others return
-  // false and their thread delivers.
-  virtual bool poll() { return false; }
+  // Reads this connection on the calling thread, delivering what arrives,
+  // until done() or `until`, where the transport allows it (shared memory):
+  // a caller waiting for a reply then needs no other thread to wake it.
+  // False, having done nothing, where it does not (the transport's own
+  // thread delivers).
+  virtual bool pollUntil(const std::function<bool()>& done, std::chrono::steady_clock::time_point until) {
+    return false;
+  }
   // The worker id the handshake authenticated.
   int64_t peerId() const { return peerId_; }
   // Distinct for every connection a transport ever made (unlike its address,
