@@ -320,17 +320,23 @@ def supervise(cfg) -> Tuple[list, list]:
     bar = tqdm(total=cfg.calls, unit="call", unit_scale=True, dynamic_ncols=True,
                mininterval=0.5, smoothing=0.05)
     last_done, last_change = -1, time.monotonic()
+
+    def take(timeout):
+        """One worker's report into results/errors: False if none came, or it failed."""
+        try:
+            rank, ok, value = queue.get(timeout=timeout)
+        except queue_mod.Empty:
+            return False
+        if ok:
+            results[rank] = pickle.loads(value)
+        else:
+            errors.append(f"worker w{rank} failed:\n{value}")
+        return ok
+
     try:
         while any(r is None for r in results):
-            try:
-                rank, ok, value = queue.get(timeout=0.25)
-                if ok:
-                    results[rank] = pickle.loads(value)
-                else:
-                    errors.append(f"worker w{rank} failed:\n{value}")
-                    break
-            except queue_mod.Empty:
-                pass
+            if not take(0.25) and errors:
+                break
             done = sum(progress[:])
             bar.update(done - bar.n)
             now = time.monotonic()
@@ -338,18 +344,12 @@ def supervise(cfg) -> Tuple[list, list]:
                 last_done, last_change = done, now
             dead = [r for r, p in enumerate(procs) if results[r] is None and not p.is_alive()]
             if dead:
-                try:  # its last words may still be in the queue
-                    rank, ok, value = queue.get(timeout=2.0)
-                    if ok:
-                        results[rank] = pickle.loads(value)
-                    else:
-                        errors.append(f"worker w{rank} failed:\n{value}")
-                        break
+                if take(2.0):  # its last words may still be in the queue
                     continue
-                except queue_mod.Empty:
+                if not errors:
                     errors += [f"worker w{r} died (exit code {procs[r].exitcode}) without "
                                "reporting" for r in dead]
-                    break
+                break
             if now - last_change > cfg.stall_timeout:
                 stuck = {f"w{r}": progress[r] for r in range(WORLD_SIZE)}
                 errors.append(f"no progress for {cfg.stall_timeout:g} s (calls done per worker: "

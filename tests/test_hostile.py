@@ -80,6 +80,27 @@ def cmd_lower_nofile(limit):
 # -- looking at a worker from outside ---------------------------------------------
 
 
+def hold_connections(addr, n, seconds, pid, every):
+    """Opens n connections to `addr` without a word (non-blocking: they
+    complete in the background), holds them `seconds` while sampling
+    proc_stats(pid) every `every` seconds, then closes them; the samples."""
+    socks, samples = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setblocking(False)
+            s.connect_ex(addr)
+            socks.append(s)
+        hold_until = time.monotonic() + seconds
+        while time.monotonic() < hold_until:
+            samples.append(proc_stats(pid))
+            time.sleep(every)
+    finally:
+        for s in socks:
+            s.close()
+    return samples
+
+
 def proc_stats(pid):
     """(open descriptors, threads, RSS bytes) of process `pid`."""
     fds = len(os.listdir(f"/proc/{pid}/fd"))
@@ -223,20 +244,7 @@ def test_e_descriptor_exhaustion_is_survived():
                 cycles_done += 1
             except OSError:
                 pass
-        burst, peak_fds = [], 0
-        try:
-            for _ in range(300):
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                s.setblocking(False)
-                s.connect_ex(addr)
-                burst.append(s)
-            hold_until = time.monotonic() + 1.5
-            while time.monotonic() < hold_until:
-                peak_fds = max(peak_fds, proc_stats(pid)[0])
-                time.sleep(0.02)
-        finally:
-            for s in burst:
-                s.close()
+        peak_fds = max(fds for fds, _, _ in hold_connections(addr, 300, 1.5, pid, 0.02))
         assert world.alive(0), "w0 died under the connection storm"
         # Else the storm never came near the limit and the test proves nothing.
         assert peak_fds >= limit // 2, f"w0 held at most {peak_fds} descriptors during the burst"
@@ -400,21 +408,7 @@ def test_d_thousand_idle_connections(world):
     raise_nofile(n + 256)
     pid = world.pid(0)
     fds0, threads0, _ = proc_stats(pid)
-    max_threads = threads0
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.setblocking(False)
-            s.connect_ex(world.address(0))  # EINPROGRESS: completes in the background
-            socks.append(s)
-        hold_until = time.monotonic() + 2.0
-        while time.monotonic() < hold_until:
-            max_threads = max(max_threads, proc_stats(pid)[1])
-            time.sleep(0.05)
-    finally:
-        for s in socks:
-            s.close()
+    max_threads = max([threads0] + [t for _, t, _ in hold_connections(world.address(0), n, 2.0, pid, 0.05)])
     assert world.alive(0), "w0 died"
     assert max_threads - threads0 <= 4, (
         f"w0 went from {threads0} to {max_threads} threads while holding {n} idle connections"

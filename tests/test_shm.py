@@ -31,7 +31,7 @@ import time
 import pytest
 import torch
 from rpc_harness import assert_transport, run_workers, transports_used
-from worlds import World, hard_timeout
+from worlds import World, future_outcome, hard_timeout
 
 import scripted_ops
 import torchrpc
@@ -324,25 +324,6 @@ def test_a_dry_pool_falls_back_to_the_ring_and_recovers():
 _calls = []  # (what, future or None, outcome list) started by cmd_start_calls
 
 
-def _outcome(fut, deadline):
-    """(error class name, or "ok" / "pending"; message; monotonic time it completed)."""
-    done = threading.Event()
-    done_at = []
-
-    def on_done(_):
-        done_at.append(time.monotonic())
-        done.set()
-
-    fut.add_done_callback(on_done)
-    if not done.wait(max(0.0, deadline - time.monotonic())):
-        return ("pending", "", None)
-    try:
-        fut.wait()
-        return ("ok", "", done_at[0])
-    except Exception as e:
-        return (type(e).__name__, str(e), done_at[0])
-
-
 def sleep_marked(path, seconds):
     with open(path, "w"):
         pass
@@ -386,7 +367,7 @@ def cmd_await_calls(within):
     out = []
     for kind, what in _calls:
         if kind == "slow":
-            out.append(("slow",) + _outcome(what, deadline))
+            out.append(("slow",) + future_outcome(what, deadline - time.monotonic())[:3])
     for kind, what in _calls:
         if kind != "sender":
             continue
@@ -397,7 +378,7 @@ def cmd_await_calls(within):
         if how == "raised":
             out.append(("sender",) + value)
         else:
-            out.append(("sender",) + _outcome(value, deadline))
+            out.append(("sender",) + future_outcome(value, deadline - time.monotonic())[:3])
     t0 = time.monotonic()
     try:
         torchrpc.rpc_sync("w1", scripted_ops.worker_name, timeout=10)

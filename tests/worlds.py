@@ -16,6 +16,7 @@ import multiprocessing as mp
 import os
 import resource
 import signal
+import threading
 import time
 import traceback
 
@@ -26,6 +27,29 @@ import torchrpc.testing
 
 _CTX = mp.get_context("spawn")
 _NOFILE = 4096  # a worker's soft RLIMIT_NOFILE: room for 1,000 connections
+
+
+# -- outcomes of calls (run in the workers) -------------------------------------
+
+
+def future_outcome(fut, within):
+    """How a call ended within `within` seconds: (error class name, or "ok" /
+    "pending"; message; monotonic time it completed; is it an RpcError)."""
+    done = threading.Event()
+    done_at = []
+
+    def on_done(_):
+        done_at.append(time.monotonic())
+        done.set()
+
+    fut.add_done_callback(on_done)
+    if not done.wait(max(0.0, within)):
+        return ("pending", "", None, False)
+    try:
+        fut.wait()
+        return ("ok", "", done_at[0], False)
+    except Exception as e:
+        return (type(e).__name__, str(e), done_at[0], isinstance(e, torchrpc.RpcError))
 
 
 # -- hard timeouts -------------------------------------------------------------

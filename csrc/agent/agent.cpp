@@ -487,6 +487,22 @@ void completeOwnerWith(const RRefPtr& owner, const c10::IValue& result) {
   }
 }
 
+// A remote call's owner side: `produce` starts the value's computation
+// (an error it throws also fails the owner's value); REMOTE_RET answers once
+// the value is ready.
+template <typename Produce>
+void own(const RRefPtr& owner, const RRefId& rrefId, const ForkId& forkId, const Responder& respond,
+         Produce&& produce) {
+  try {
+    produce();
+  } catch (...) {
+    owner->valueFuture()->setErrorIfNeeded(std::current_exception());
+    throw;
+  }
+  respondWhenDone(owner->valueFuture(), respond,
+                  [rrefId, forkId](const c10::IValue&) { return RemoteRet(rrefId, forkId).toMessage(); });
+}
+
 std::optional<Message> Agent::runRequest(Message& request, int64_t from, const Responder& respond) {
   const ObjectCodec* objects = rrefs_->objectCodec();  // RRefs in the request and its reply
   switch (request.type) {
@@ -508,28 +524,15 @@ std::optional<Message> Agent::runRequest(Message& request, int64_t from, const R
       auto call = ScriptRemoteCall::fromMessage(request, objects);
       forks.waitConfirmed();
       auto owner = rrefs_->ownerForRemoteCall(call->rrefId(), call->forkId(), false, from);
-      try {
-        completeOwnerWith(owner, runScript(*call));
-      } catch (...) {
-        owner->valueFuture()->setErrorIfNeeded(std::current_exception());
-        throw;
-      }
-      respondWhenDone(owner->valueFuture(), respond, [rrefId = call->rrefId(), forkId = call->forkId()](
-                                                         const c10::IValue&) { return RemoteRet(rrefId, forkId).toMessage(); });
+      own(owner, call->rrefId(), call->forkId(), respond, [&] { completeOwnerWith(owner, runScript(*call)); });
       return std::nullopt;
     }
     case MessageType::kPythonRemoteCall: {
       if (!options_.pythonUdf || !python_.runRemote) throw pythonDisabled();
       auto call = PythonRemoteCall::fromMessage(request);
       auto owner = rrefs_->ownerForRemoteCall(call->rrefId(), call->forkId(), true, from);
-      try {
-        completeFrom(python_.runRemote(std::move(call->value())), owner->valueFuture());
-      } catch (...) {
-        owner->valueFuture()->setErrorIfNeeded(std::current_exception());
-        throw;
-      }
-      respondWhenDone(owner->valueFuture(), respond, [rrefId = call->rrefId(), forkId = call->forkId()](
-                                                         const c10::IValue&) { return RemoteRet(rrefId, forkId).toMessage(); });
+      own(owner, call->rrefId(), call->forkId(), respond,
+          [&] { completeFrom(python_.runRemote(std::move(call->value())), owner->valueFuture()); });
       return std::nullopt;
     }
     case MessageType::kScriptRRefFetchCall: {
