@@ -274,7 +274,7 @@ class ShmTransport::ShmConnection : public Connection, public std::enable_shared
     auto self = shared_from_this();
     while (!done() && Clock::now() < until && !closingNow()) {
       std::unique_lock<std::mutex> g(readMu_, std::try_to_lock);
-      if (g.owns_lock() && in_.readable() > 0) {
+      if (g.owns_lock() && in_.readable() > 0 && !closingNow()) {
         try {
           drain(self);
         } catch (const std::exception& e) {
@@ -308,6 +308,9 @@ class ShmTransport::ShmConnection : public Connection, public std::enable_shared
   }
 
   void join() {
+    // A polling caller in the middle of delivering finishes first; after
+    // this none delivers again (it checks closing under readMu_).
+    { std::lock_guard<std::mutex> g(readMu_); }
     for (std::thread* t : {&reader_, &writer_}) {
       if (!t->joinable()) continue;
       if (t->get_id() == std::this_thread::get_id()) t->detach();
