@@ -474,16 +474,32 @@ def _prepare(to, func, args, kwargs, timeout):
 _PLAIN = frozenset({torch.Tensor, int, float, bool, str, type(None)})
 
 
+class _CallFuture(torch.futures.Future):
+    """What rpc_async returns for script and builtin calls: a torch Future
+    whose wait() reads the reply itself where the transport allows (shared
+    memory), instead of waiting to be woken by the thread that got it."""
+
+    def wait(self):
+        relay = self.__dict__.get("_relay")
+        if relay is not None:
+            relay.wait()
+        return super().wait()
+
+
 def _invoke(to, func, args, kwargs, timeout, sync: bool):
     state, dst, args, kwargs, t, target = _prepare(to, func, args, kwargs, timeout)
     agent = state.agent
     if target is not None:
         kind, name, schema = target
+        out = None if sync else _CallFuture()
         if kind == "script":
-            result = agent.script_call(dst, name, schema, args, kwargs, t, sync)
+            result = agent.script_call(dst, name, schema, args, kwargs, t, sync, out)
         else:
-            result = agent.builtin_call(dst, name, args, kwargs, t, sync)
-        if not sync or type(result) in _PLAIN:
+            result = agent.builtin_call(dst, name, args, kwargs, t, sync, out)
+        if not sync:
+            out._relay = result
+            return out
+        if type(result) in _PLAIN:
             return result
         return _wrap(result)
     return python_udf.call(state, dst, func, args, kwargs, t, sync)

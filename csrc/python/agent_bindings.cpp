@@ -54,17 +54,61 @@ py::object finish(Agent& agent, const FuturePtr& fut, bool sync) {
   return torch::jit::toPyObject(fut->value());
 }
 
-// Sends with `start` (GIL released) and returns finish(): a synchronous
-// call releases the GIL once, for the send and the wait together.
+// The torch Future Python holds for an asynchronous call (`out`), completed
+// from the request's future by whichever comes first: the agent's callback
+// threads, or the caller's own thread in wait(), which reads the reply off
+// the connection itself (Agent::waitForReply) instead of waiting to be
+// woken by a callback thread that a transport thread woke.
+struct CallRelay {
+  std::weak_ptr<Agent> agent;
+  FuturePtr request, out;
+  int64_t to;
+  std::atomic<bool> claimed{false};
+
+  void complete() {
+    if (claimed.exchange(true)) return;
+    if (request->hasError()) {
+      out->setError(request->exception_ptr());
+    } else {
+      out->markCompleted(request->value());
+    }
+  }
+  void wait() {
+    if (auto a = agent.lock()) {
+      a->waitForReply(request, to);
+    } else {
+      request->wait();
+    }
+    complete();  // out's callbacks run here, on the caller's thread
+  }
+};
+
+// Sends with `start` (GIL released). A synchronous call releases the GIL
+// once, for the send and the wait together, and returns the result; an
+// asynchronous one given `out` (a torch Future) wires it to the request
+// and returns its CallRelay; without `out`, finish()'s torch Future.
 template <typename Start>
-py::object finish(Agent& agent, int64_t to, bool sync, Start&& start) {
+py::object finish(const std::shared_ptr<Agent>& agent, int64_t to, bool sync, const py::object& out,
+                  Start&& start) {
   FuturePtr fut;
   {
     py::gil_scoped_release release;
     fut = start();
-    if (sync) agent.waitForReply(fut, to);
+    if (sync) agent->waitForReply(fut, to);
   }
-  return finish(agent, fut, sync);
+  if (sync || out.is_none()) return finish(*agent, fut, sync);
+  auto relay = std::make_shared<CallRelay>();
+  relay->agent = agent;
+  relay->request = fut;
+  relay->out = out.cast<std::shared_ptr<PythonFutureWrapper>>()->fut;
+  relay->to = to;
+  Agent* a = agent.get();
+  a->alias(relay->out, fut);  // torchrpc.cancel(out) finds the request
+  fut->addCallback([a, relay](c10::ivalue::Future&) {
+    a->unalias(relay->out);
+    a->defer([relay] { relay->complete(); });
+  });
+  return py::cast(relay);
 }
 
 [[noreturn]] void badArguments(Agent& agent, int64_t to, const std::string& name, const std::exception& e) {
@@ -83,10 +127,12 @@ torch::jit::Stack scriptStack(Agent& agent, int64_t to, const std::string& name,
   }
 }
 
-py::object scriptCall(Agent& agent, int64_t to, const std::string& name, const c10::FunctionSchema& schema,
-                      const py::tuple& args, const py::dict& kwargs, double timeout, bool sync) {
+py::object scriptCall(const std::shared_ptr<Agent>& self, int64_t to, const std::string& name,
+                      const c10::FunctionSchema& schema, const py::tuple& args, const py::dict& kwargs, double timeout,
+                      bool sync, const py::object& out) {
+  Agent& agent = *self;
   torch::jit::Stack stack = scriptStack(agent, to, name, schema, args, kwargs);
-  return finish(agent, to, sync, [&] { return agent.scriptCall(to, name, std::move(stack), timeout); });
+  return finish(self, to, sync, out, [&] { return agent.scriptCall(to, name, std::move(stack), timeout); });
 }
 
 // Picks the overload of `opName` that fits the Python arguments.
@@ -106,15 +152,18 @@ std::pair<std::string, torch::jit::Stack> builtinStack(Agent& agent, int64_t to,
   return {schema.name() + (schema.overload_name().empty() ? "" : "." + schema.overload_name()), std::move(stack)};
 }
 
-py::object builtinCall(Agent& agent, int64_t to, const std::string& opName, const py::tuple& args,
-                       const py::dict& kwargs, double timeout, bool sync) {
+py::object builtinCall(const std::shared_ptr<Agent>& self, int64_t to, const std::string& opName,
+                       const py::tuple& args, const py::dict& kwargs, double timeout, bool sync, const py::object& out) {
+  Agent& agent = *self;
   auto [name, stack] = builtinStack(agent, to, opName, args, kwargs);
-  return finish(agent, to, sync, [&] { return agent.scriptCall(to, std::move(name), std::move(stack), timeout); });
+  return finish(self, to, sync, out,
+                [&] { return agent.scriptCall(to, std::move(name), std::move(stack), timeout); });
 }
 
-py::object pythonCall(Agent& agent, int64_t to, const std::string& what, at::Tensor pickled,
-                      std::vector<at::Tensor> tensors, double timeout, bool sync) {
-  return finish(agent, to, sync, [&] {
+py::object pythonCall(const std::shared_ptr<Agent>& self, int64_t to, const std::string& what,
+                      at::Tensor pickled, std::vector<at::Tensor> tensors, double timeout, bool sync) {
+  Agent& agent = *self;
+  return finish(self, to, sync, py::none(), [&] {
     return agent.send(to, PythonCall(PickledValue{std::move(pickled), std::move(tensors)}).toMessage(), timeout,
                       what);
   });
@@ -278,6 +327,9 @@ void installPythonResolver(Agent& agent) {
 void initAutogradBindings(py::module_& m);
 
 void initAgentBindings(py::module_& m) {
+  py::class_<CallRelay, std::shared_ptr<CallRelay>>(m, "CallRelay", "Completes an asynchronous call's future.")
+      .def("wait", &CallRelay::wait, py::call_guard<py::gil_scoped_release>(),
+           "Waits for the reply, reading it itself where the transport allows, and completes the future.");
   py::class_<Agent, std::shared_ptr<Agent>>(m, "Agent", "One worker's RPC agent (see torchrpc.api).")
       .def(py::init([](const std::string& name, int64_t id, const py::dict& options) {
              AgentOptions o;
@@ -338,9 +390,9 @@ void initAgentBindings(py::module_& m) {
              return c->schema();
            })
       .def("script_call", &scriptCall, py::arg("to"), py::arg("name"), py::arg("schema"), py::arg("args"),
-           py::arg("kwargs"), py::arg("timeout"), py::arg("sync"))
+           py::arg("kwargs"), py::arg("timeout"), py::arg("sync"), py::arg("out") = py::none())
       .def("builtin_call", &builtinCall, py::arg("to"), py::arg("op_name"), py::arg("args"), py::arg("kwargs"),
-           py::arg("timeout"), py::arg("sync"))
+           py::arg("timeout"), py::arg("sync"), py::arg("out") = py::none())
       .def("python_call", &pythonCall, py::arg("to"), py::arg("what"), py::arg("pickled"), py::arg("tensors"),
            py::arg("timeout"), py::arg("sync"))
       .def("query_schema",
