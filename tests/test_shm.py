@@ -25,6 +25,7 @@ import gc
 import os
 import random
 import signal
+import socket
 import threading
 import time
 
@@ -513,3 +514,41 @@ def test_no_common_transport_fails_clearly():
         assert "transport" in message.lower(), message
         assert "shm" in message or "tcp" in message, message
         assert took < 10, f"w{rank}'s call took {took:.1f} s to fail"
+
+
+# -- strangers on the shared-memory socket ---------------------------------------------
+
+
+def cmd_first_call(to, timeout):
+    """This worker's first call to `to`: (how it ended, seconds, the transport used)."""
+    t0 = time.monotonic()
+    try:
+        torchrpc.rpc_sync(to, torch.add, (torch.ones(2), 1), timeout=timeout)
+        how = "ok"
+    except Exception as e:
+        how = f"{type(e).__name__}: {e}"
+    return how, time.monotonic() - t0, transports_used().get(to)
+
+
+@hard_timeout(120)
+def test_idle_strangers_on_the_shm_socket_do_not_lock_peers_out():
+    # More idle connections than max_pending_handshakes (64): the oldest are
+    # dropped to make room, so a worker's first shm dial still gets through.
+    with World(2, options=SHM) as world:
+        address = world.info[0]["address"]
+        name = next(a for a in address.split(",") if a.startswith("shm://")).rsplit("/", 1)[1]
+        strangers = []
+        try:
+            for _ in range(200):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect("\0" + name)
+                strangers.append(s)
+            time.sleep(0.5)
+            how, took, transport = world.do(1, cmd_first_call, "w0", 10.0, timeout=30)
+        finally:
+            for s in strangers:
+                s.close()
+        assert how == "ok", how
+        assert transport == "shm", transport
+        assert took < 5.0, f"the first call took {took:.2f} s past 200 idle strangers"
+        assert world.alive(0)

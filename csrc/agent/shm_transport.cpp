@@ -307,10 +307,11 @@ class ShmTransport::ShmConnection : public Connection, public std::enable_shared
     writerCv_.notify_all();
   }
 
+  // Once closing: waits for a polling caller in the middle of delivering;
+  // after this none delivers again (it checks closing under readMu_).
+  void quiesce() { std::lock_guard<std::mutex> g(readMu_); }
+
   void join() {
-    // A polling caller in the middle of delivering finishes first; after
-    // this none delivers again (it checks closing under readMu_).
-    { std::lock_guard<std::mutex> g(readMu_); }
     for (std::thread* t : {&reader_, &writer_}) {
       if (!t->joinable()) continue;
       if (t->get_id() == std::this_thread::get_id()) t->detach();
@@ -653,20 +654,30 @@ void ShmTransport::acceptLoop() {
         ++it;
       }
     }
-    if (handshakes_.size() >= options_.maxPendingHandshakes || stopped_) {
-      ::close(fd);  // too many strangers mid-handshake: refuse the newest
+    if (stopped_) {
+      ::close(fd);
       continue;
     }
+    if (handshakes_.size() >= options_.maxPendingHandshakes) {
+      // Too many connections mid-handshake: end the oldest (as TCP does), so
+      // idle strangers cannot lock a worker's peers out. Its thread fails
+      // its handshake at once and is joined on a later accept.
+      for (auto& h : handshakes_) {
+        if (!h.done->load() && !h.evicted) {
+          h.evicted = true;
+          ::shutdown(h.fd, SHUT_RDWR);
+          break;
+        }
+      }
+    }
     auto done = std::make_shared<std::atomic<bool>>(false);
-    handshakes_.push_back({fd, std::thread([this, fd, done] {
-                             onAccepted(fd);
-                             done->store(true);
-                           }),
-                           done});
+    handshakes_.push_back({fd, std::thread([this, fd, done] { onAccepted(fd, done); }), done, false});
   }
 }
 
-void ShmTransport::onAccepted(int fd) {
+void ShmTransport::onAccepted(int fd, const std::shared_ptr<std::atomic<bool>>& done) {
+  std::shared_ptr<ShmConnection> conn;  // owns fd once made
+  bool ok = false;
   try {
     const int64_t dialer = listenHandshake(fd, options_.credentials, options_.handshakeTimeout);
     const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
@@ -689,15 +700,28 @@ void ShmTransport::onAccepted(int fd) {
       throwPeerLost("bad shared-memory set-up from worker " + std::to_string(dialer));
     }
     auto segment = mapSegment(memfd, layout.total);
-    auto conn = std::make_shared<ShmConnection>(*this, fd, std::move(segment), layout, false, dialer, nextSerial_++);
-    char ok = 1;
-    sendWithFd(fd, &ok, 1, -1);
-    adopt(conn);
+    conn = std::make_shared<ShmConnection>(*this, fd, std::move(segment), layout, false, dialer, nextSerial_++);
+    char yes = 1;
+    sendWithFd(fd, &yes, 1, -1);
+    ok = true;
   } catch (const RpcError& e) {
     if (e.kind() == ErrorKind::kAuth && !stopped_) std::fprintf(stderr, "%s\n", e.what());
-    ::close(fd);
   }
-}
+  {
+    // Under mu_, so that eviction and shutdown() never touch a descriptor
+    // after it was closed (and perhaps reused).
+    std::lock_guard<std::mutex> g(mu_);
+    done->store(true);
+    if (!conn) ::close(fd);
+    if (ok && !stopped_) {
+      reapFinished();
+      conns_.push_back(conn);
+      conn->start();  // under mu_: shutdown() cannot miss its threads
+    }
+  }
+}  // a connection not kept closes its descriptor here
+
+
 
 std::shared_ptr<Connection> ShmTransport::connect(const std::string& address, int64_t peerId,
                                                   const std::string& peerName) {
@@ -743,13 +767,11 @@ std::shared_ptr<Connection> ShmTransport::connect(const std::string& address, in
 }
 
 void ShmTransport::adopt(const std::shared_ptr<ShmConnection>& conn) {
-  {
-    std::lock_guard<std::mutex> g(mu_);
-    if (stopped_) throwPeerLost("the transport is shut down");
-    reapFinished();
-    conns_.push_back(conn);
-  }
-  conn->start();
+  std::lock_guard<std::mutex> g(mu_);
+  if (stopped_) throwPeerLost("the transport is shut down");
+  reapFinished();
+  conns_.push_back(conn);
+  conn->start();  // under mu_: shutdown() cannot miss its threads
 }
 
 void ShmTransport::reapFinished() {
@@ -787,17 +809,20 @@ void ShmTransport::shutdown() {
   std::vector<std::shared_ptr<ShmConnection>> conns;
   {
     std::lock_guard<std::mutex> g(mu_);
+    // A stalled stranger: end its handshake now. (A finished one's
+    // descriptor belongs to its connection, or is closed.)
+    for (auto& h : handshakes_) {
+      if (!h.done->load()) ::shutdown(h.fd, SHUT_RDWR);
+    }
     handshakes.swap(handshakes_);
     conns = conns_;
   }
-  for (auto& h : handshakes) {
-    // A stalled stranger: end its handshake now. (A finished one's
-    // descriptor belongs to its connection, or is closed.)
-    if (!h.done->load()) ::shutdown(h.fd, SHUT_RDWR);
-    h.thread.join();
-  }
+  for (auto& h : handshakes) h.thread.join();
   for (auto& c : conns) c->requestClose(CloseReason::kLocal, "shut down");
-  for (auto& c : conns) c->join();
+  for (auto& c : conns) {
+    c->quiesce();
+    c->join();
+  }
   {
     std::lock_guard<std::mutex> g(mu_);
     conns_.clear();

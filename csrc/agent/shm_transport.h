@@ -54,8 +54,9 @@ class ShmTransport : public Transport {
 
  private:
   void acceptLoop();
-  // Handshake and set-up of an accepted socket, on its own thread.
-  void onAccepted(int fd);
+  // Handshake and set-up of an accepted socket, on its own thread; sets
+  // `done` (under mu_) once the socket is a connection's or closed.
+  void onAccepted(int fd, const std::shared_ptr<std::atomic<bool>>& done);
   void adopt(const std::shared_ptr<ShmConnection>& conn);
   void reapFinished();
 
@@ -76,6 +77,7 @@ class ShmTransport : public Transport {
     int fd;
     std::thread thread;
     std::shared_ptr<std::atomic<bool>> done;
+    bool evicted;  // shut down to make room
   };
   std::vector<Pending> handshakes_;
 };
