@@ -427,32 +427,26 @@ def test_lost_peer_fails_pending_calls_and_blocked_senders(sig, tmp_path):
     before = dev_shm()
     with World(2, options=options) as world:
         victim = world.pid(1)
-        try:
-            markers = world.do(0, cmd_start_slow_calls, str(tmp_path), 3)
-            deadline = time.monotonic() + 10
-            while not all(os.path.exists(m) for m in markers):
-                assert time.monotonic() < deadline, "the slow calls never started on w1"
-                time.sleep(0.02)
-            memfds, named = shm_mappings(world.pid(0))
-            assert memfds, "w0 maps no memfd, yet talks to w1 over shm"
-            assert not named, f"w0 uses files in /dev/shm: {named}"
-            os.kill(victim, signal.SIGSTOP)  # w1 stops draining its ring
-            stopped_at = time.monotonic()
-            world.do(0, cmd_start_blocked_senders, 3)
-            time.sleep(0.3)  # the senders fill the 64 KiB ring and wait for room
-            if sig == signal.SIGKILL:
-                os.kill(victim, signal.SIGKILL)
-                signalled_at = time.monotonic()
-            else:
-                signalled_at = stopped_at  # frozen since then: heartbeats stopped
-            out = world.do(0, cmd_await_calls, LOST_WITHIN + 3, timeout=LOST_WITHIN + 30)
-            took_shutdown, shutdown_error = world.do(0, cmd_shutdown_timed, timeout=30)
-        finally:
-            try:
-                os.kill(victim, signal.SIGCONT)
-                os.kill(victim, signal.SIGKILL)
-            except OSError:
-                pass
+        # World.close() resumes and kills w1 whatever happens here.
+        markers = world.do(0, cmd_start_slow_calls, str(tmp_path), 3)
+        deadline = time.monotonic() + 10
+        while not all(os.path.exists(m) for m in markers):
+            assert time.monotonic() < deadline, "the slow calls never started on w1"
+            time.sleep(0.02)
+        memfds, named = shm_mappings(world.pid(0))
+        assert memfds, "w0 maps no memfd, yet talks to w1 over shm"
+        assert not named, f"w0 uses files in /dev/shm: {named}"
+        os.kill(victim, signal.SIGSTOP)  # w1 stops draining its ring
+        stopped_at = time.monotonic()
+        world.do(0, cmd_start_blocked_senders, 3)
+        time.sleep(0.3)  # the senders fill the 64 KiB ring and wait for room
+        if sig == signal.SIGKILL:
+            os.kill(victim, signal.SIGKILL)
+            signalled_at = time.monotonic()
+        else:
+            signalled_at = stopped_at  # frozen since then: heartbeats stopped
+        out = world.do(0, cmd_await_calls, LOST_WITHIN + 3, timeout=LOST_WITHIN + 30)
+        took_shutdown, shutdown_error = world.do(0, cmd_shutdown_timed, timeout=30)
     assert len(out["outcomes"]) == 6, out
     for what, kind, message, done_at in out["outcomes"]:
         assert kind == "PeerLostError", f"a {what} call to w1 ended as {kind}: {message}"

@@ -242,22 +242,23 @@ class ShmTransport::ShmConnection : public Connection, public std::enable_shared
     EncodedFrame frame = encodeFrame(message);
     std::unique_lock<std::mutex> g(sendMu_);
     if (closing_) throwPeerLost("connection to worker " + std::to_string(peerId_) + " is closed");
-    auto out = std::make_unique<Outgoing>();
-    placeTensors(frame, *out);
-    const size_t total = out->prefix.size() + frame.totalBytes - out->pooledBytes;
+    Outgoing out;
+    placeTensors(frame, out);
+    const size_t total = out.prefix.size() + frame.totalBytes - out.pooledBytes;
     if (queue_.empty() && total <= out_.writable()) {
       // The common case: the whole frame fits now; no thread hop.
       out_.begin();
-      out_.put(out->prefix.data(), out->prefix.size());
-      forEachPiece(message, frame, out->skip, [&](const char* p, size_t n) { out_.put(p, n); });
+      out_.put(out.prefix.data(), out.prefix.size());
+      forEachPiece(message, frame, out.skip, [&](const char* p, size_t n) { out_.put(p, n); });
       out_.publish();
       lastSendNs_ = nowNs();
       return;
     }
     // Owned copies for the writer thread: the caller's message may go away.
-    out->message = message;
-    out->frame = encodeFrame(out->message);
-    queue_.push_back(std::move(out));
+    auto queued = std::make_unique<Outgoing>(std::move(out));
+    queued->message = message;
+    queued->frame = encodeFrame(queued->message);
+    queue_.push_back(std::move(queued));
     g.unlock();
     writerCv_.notify_one();
   }
@@ -458,10 +459,7 @@ class ShmTransport::ShmConnection : public Connection, public std::enable_shared
     exited_ = true;
   }
 
-  bool closingNow() {
-    std::lock_guard<std::mutex> g(sendMu_);
-    return closing_;
-  }
+  bool closingNow() const { return closing_.load(); }
 
   // Spin about as long as replies have recently taken to come, within bounds.
   void adaptSpin(int64_t waited) {
@@ -573,7 +571,7 @@ class ShmTransport::ShmConnection : public Connection, public std::enable_shared
   mutable shm::PoolSender pool_;
   std::deque<std::unique_ptr<Outgoing>> queue_;
   uint64_t poolSends_ = 0, poolFallbacks_ = 0;
-  bool closing_ = false;
+  std::atomic<bool> closing_{false};  // set under sendMu_; read anywhere
   CloseReason closeReason_ = CloseReason::kLocal;
   std::string closeWhy_;
   std::atomic<int64_t> lastSendNs_{0};
