@@ -203,6 +203,14 @@ class Net:
             _run(TC, "-n", self.switch, "qdisc", "del", "dev", "lo", "root", check=False)
         return self._netem
 
+    def prepare_impairment(self, k: int):
+        """Where impair() will need a userspace wire, puts host k's link on one
+        now, unimpaired. Swapping links takes the host off the network for a
+        moment (longer than peer_timeout on a loaded machine), so a test does
+        it before its workers connect, not while they talk."""
+        if not self.netem_available() and k not in self.wires:
+            self._wire(k)
+
     def impair(self, k: int, delay_ms: float, loss_pct: float) -> str:
         """Delays each packet on host k's link by delay_ms and drops loss_pct %
         of them, both directions. Uses tc netem when the kernel has it, else

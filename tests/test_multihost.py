@@ -295,6 +295,7 @@ def test_partition_pending_call_fails_fast(net, cluster, record_property):
 
 
 def test_delay_and_loss_never_hang_or_corrupt(net, cluster, record_property):
+    net.prepare_impairment(1)
     c = cluster("delay_loss", max_seconds=240.0)
     c.wait_event("ready_for_impair", timeout=STARTUP_S)
     how = net.impair(1, delay_ms=30, loss_pct=5.0)
