@@ -23,6 +23,7 @@ enum class ErrorKind : uint8_t {
   kForbidden = 8,   // torchrpc.PythonCallDisabledError: UDFs not enabled.
   kAuth = 9,        // torchrpc.AuthenticationError: a peer failed the handshake.
   kCancelled = 10,  // torchrpc.RpcCancelledError: torchrpc.cancel() gave the call up.
+  kCodeRefused = 11,  // torchrpc.CodeRefusedError: code shipped to a worker without accept_code.
 };
 
 class RpcError : public std::runtime_error {

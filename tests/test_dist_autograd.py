@@ -307,26 +307,9 @@ def test_errors_lost_peer_and_concurrent_contexts(transport):
     assert out["alive"] == [0, 0]
 
 
-def _frame(sock):
-    """Reads one whole frame from a raw socket (48-byte header, then sizes)."""
-    import struct
-
-    def exact(n):
-        buf = b""
-        while len(buf) < n:
-            chunk = sock.recv(n - len(buf))
-            assert chunk, "worker closed the connection"
-            buf += chunk
-        return buf
-
-    header = exact(48)
-    payload, descriptors, _, _, storage = struct.unpack_from("<IIIIQ", header, 16)
-    return messages.decode(header + exact(payload + descriptors + storage))
-
-
 def stranger_body(rank):
     """A raw client sends autograd messages that name nothing real."""
-    from torchrpc.testing import authenticated_socket
+    from torchrpc.testing import authenticated_socket, read_frame
 
     if rank != 0:
         _finished.wait(60)
@@ -350,7 +333,7 @@ def stranger_body(rank):
         }
         for name, m in probes.items():
             s.sendall(m.encode())
-            reply = _frame(s)
+            reply = read_frame(s)
             replies[name] = (reply.TYPE.name, reply.fields.get("message", ""))
     # The worker still serves its peers.
     x = torch.randn(2, 2, requires_grad=True)

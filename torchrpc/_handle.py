@@ -17,6 +17,10 @@ class _State:
         self.workers = workers  # list of WorkerInfo, indexed by id
         self.by_name = {w.name: w for w in workers}
         self.python_udf = [False] * len(workers)
+        self.accept_code = [False] * len(workers)
+        # (worker id, qualified name) -> whether that worker has the function
+        # by name; asked once, before a ScriptFunction is shipped by value.
+        self.callee_has: Dict[tuple, bool] = {}
         self.options = options
         self.remote_schemas: Dict[tuple, Any] = {}
         self.self_info = None  # this worker's WorkerInfo

@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 
 import scripted_ops
-from torchrpc import _C, _handle, python_udf, rendezvous, trust
+from torchrpc import _C, _handle, compiled, python_udf, rendezvous, trust
 from torchrpc._handle import _State, _current, _timeout
 from torchrpc.compat import BackendType, RpcBackendOptions, TensorPipeRpcBackendOptions
 from torchrpc.rref import RRef, _unwrap, _wrap
@@ -84,6 +84,14 @@ class RpcOptions:
     shm_pool_bytes: each direction's pool for tensor bytes: a tensor is
         copied once into it and received as a view of it; when it runs dry,
         tensors stream through the ring instead.
+
+    Code shipped by value (see README, "Compiled functions"):
+    accept_code: load and run compiled code that authenticated peers send
+        (ScriptFunctions, ScriptModules, ExportedPrograms passed to rpc_sync
+        and friends). Off by default; a worker without it refuses such code
+        before loading any of it.
+    code_cache_size: how many shipped functions stay loaded; the least
+        recently used is dropped first (a caller then sends it again).
     """
 
     num_worker_threads: int = 16
@@ -106,6 +114,8 @@ class RpcOptions:
     transports: Optional[Sequence[str]] = None
     shm_ring_bytes: int = 4 << 20
     shm_pool_bytes: int = 256 << 20
+    accept_code: bool = False
+    code_cache_size: int = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +130,8 @@ class WorkerInfo:
 
 
 _lock = threading.Lock()  # init_rpc and shutdown set and clear the handle (torchrpc._handle)
-_registered: Dict[str, torch.jit.ScriptFunction] = {}
+# Name -> a ScriptFunction, or a _C.Callable (exported program, AOTInductor package).
+_registered: Dict[str, object] = {}
 
 
 def init_rpc(
@@ -207,6 +218,8 @@ def agent_options(options: RpcOptions, host: str, secret: bytes, job_id: str) ->
         "num_worker_threads": options.num_worker_threads,
         "rpc_timeout": float(options.rpc_timeout),
         "python_udf": options.python_udf,
+        "accept_code": bool(options.accept_code),
+        "code_cache_size": int(options.code_cache_size),
         "faults": options.faults or "",
         "listen_host": host,
         "advertised_host": host,
@@ -240,12 +253,14 @@ def _start(name, rank, world_size, host, port, options):
     for fn in scripted_ops.ALL:
         agent.register_function(fn.qualified_name, fn)
     for qualified_name, fn in _registered.items():
-        agent.register_function(qualified_name, fn)
+        _add_to_agent(agent, qualified_name, fn)
+    _C.set_code_loader(agent, compiled.load_code)
     _C.set_current_agent(agent)
     try:
         infos = rendezvous.exchange(
             store, rank, world_size,
-            {"name": name, "address": agent.address, "python_udf": options.python_udf},
+            {"name": name, "address": agent.address, "python_udf": options.python_udf,
+             "accept_code": bool(options.accept_code)},
             deadline - time.monotonic(),
         )
     except BaseException:
@@ -256,6 +271,7 @@ def _start(name, rank, world_size, host, port, options):
     state = _State(agent, store, [WorkerInfo(w["name"], r) for r, w in enumerate(infos)], options)
     state.credentials = (job_id, secret)  # for torchrpc.testing's raw clients
     state.python_udf = [w["python_udf"] for w in infos]
+    state.accept_code = [w["accept_code"] for w in infos]
     state.self_info = state.workers[rank]
     _handle._state = state
 
@@ -377,18 +393,50 @@ def get_worker_info(worker_name: Optional[str] = None) -> WorkerInfo:
         ) from None
 
 
-def register(fn: torch.jit.ScriptFunction) -> torch.jit.ScriptFunction:
-    """Registers a TorchScript function under its qualified name (a decorator too).
+def register(fn, name: Optional[str] = None, *, num_runners: int = 1):
+    """Registers a compiled function so peers can call it by name; returns `fn`.
 
-    Registered functions can be called by peers by name; registering before
-    init_rpc is fine.
+    - A torch.jit.ScriptFunction, under its qualified name (or `name`); a
+      decorator too. Served in C++, no GIL.
+    - A torch.export.ExportedProgram, under `name`. Callers' arguments are
+      checked against its input spec (dtype, rank, static sizes); results
+      come back in its output structure. Served by running its module in
+      Python: each call takes the GIL on this worker.
+    - The path of an AOTInductor package (.pt2, from
+      torch._inductor.aoti_compile_and_package), under `name`. Served in C++
+      by AOTInductor's loader, no GIL; `num_runners` calls run at once.
+
+    Registering before init_rpc is fine.
     """
-    if not isinstance(fn, torch.jit.ScriptFunction):
-        raise TypeError(f"register() takes a torch.jit.ScriptFunction, got {type(fn).__name__}")
-    _registered[fn.qualified_name] = fn
+    if isinstance(fn, torch.jit.ScriptFunction):
+        key, entry = name or fn.qualified_name, fn
+    elif isinstance(fn, torch.export.ExportedProgram):
+        key = _required_name(name, "an ExportedProgram")
+        entry = compiled.exported_callable(fn, key)
+    elif isinstance(fn, (str, os.PathLike)):
+        key = _required_name(name, "an AOTInductor package")
+        entry = compiled.aoti_callable(fn, key, num_runners=num_runners)
+    else:
+        raise TypeError(f"register() takes a torch.jit.ScriptFunction, a torch.export.ExportedProgram "
+                        f"or the path of an AOTInductor package, got {type(fn).__name__}")
+    _registered[key] = entry
     if _handle._state is not None:
-        _handle._state.agent.register_function(fn.qualified_name, fn)
+        _add_to_agent(_handle._state.agent, key, entry)
     return fn
+
+
+def _required_name(name, what):
+    if not isinstance(name, str) or not name or "::" in name or name.startswith("sha256:"):
+        raise ValueError(f"register(): {what} needs name=, a name without '::' "
+                         f"that does not start with 'sha256:', got {name!r}")
+    return name
+
+
+def _add_to_agent(agent, name, entry):
+    if isinstance(entry, torch.jit.ScriptFunction):
+        agent.register_function(name, entry)
+    else:
+        agent.register_callable(name, entry)
 
 
 def script(fn: Callable) -> torch.jit.ScriptFunction:
@@ -433,26 +481,47 @@ def _schema_for(state: _State, to: int, name: str):
     return state.remote_schemas[key]
 
 
-# ScriptFunction -> ("script", name, schema): reading .schema builds a new
-# object each time, and this is on every call's path.
+# ScriptFunction -> ("script", name, schema, None): reading .schema builds a
+# new object each time, and this is on every call's path.
 _script_targets: Dict[torch.jit.ScriptFunction, tuple] = {}
 
 
 def _script_target(state, dst, func):
-    """("script", name, schema) or ("builtin", op name, None); None for Python callables."""
+    """("script", name, schema, code) or ("builtin", op name, None, None);
+    None for Python callables. `code` is the (id, kind, archive) of code
+    shipped by value, else None."""
     if isinstance(func, torch.jit.ScriptFunction):
         target = _script_targets.get(func)
         if target is None:
-            target = _script_targets[func] = ("script", func.qualified_name, func.schema)
+            target = _script_targets[func] = ("script", func.qualified_name, func.schema, None)
+        # Called by name where the callee has it (it imported the function);
+        # shipped where it does not and accepts code.
+        if state.accept_code[dst] and not _callee_has(state, dst, target[1]):
+            return _shipped_target(func)
         return target
     if isinstance(func, str):
         if "::" in func:
-            return "builtin", func.split(".")[0], None
-        return "script", func, _schema_for(state, dst, func)
+            return "builtin", func.split(".")[0], None, None
+        return "script", func, _schema_for(state, dst, func), None
+    if isinstance(func, (torch.jit.ScriptModule, torch.export.ExportedProgram)):
+        return _shipped_target(func)
     builtin = _builtin_name(func)
     if builtin is not None:
-        return "builtin", builtin, None
+        return "builtin", builtin, None, None
     return None
+
+
+def _shipped_target(func):
+    shipped = compiled.shipped(func)
+    return "script", shipped.id, shipped.schema, shipped.code
+
+
+def _callee_has(state, dst, name) -> bool:
+    key = (dst, name)
+    has = state.callee_has.get(key)
+    if has is None:
+        has = state.callee_has[key] = bool(state.agent.query_schema(dst, name, -1.0))
+    return has
 
 
 def _prepare(to, func, args, kwargs, timeout):
@@ -490,10 +559,10 @@ def _invoke(to, func, args, kwargs, timeout, sync: bool):
     state, dst, args, kwargs, t, target = _prepare(to, func, args, kwargs, timeout)
     agent = state.agent
     if target is not None:
-        kind, name, schema = target
+        kind, name, schema, code = target
         out = None if sync else _CallFuture()
         if kind == "script":
-            result = agent.script_call(dst, name, schema, args, kwargs, t, sync, out)
+            result = agent.script_call(dst, name, schema, args, kwargs, t, sync, out, code)
         else:
             result = agent.builtin_call(dst, name, args, kwargs, t, sync, out)
         if not sync:
@@ -527,9 +596,9 @@ def remote(to, func, args=None, kwargs=None, timeout: Optional[float] = None) ->
     state, dst, args, kwargs, t, target = _prepare(to, func, args, kwargs, timeout)
     agent = state.agent
     if target is not None:
-        kind, name, schema = target
+        kind, name, schema, code = target
         if kind == "script":
-            obj = agent.remote_script(dst, name, schema, args, kwargs, t)
+            obj = agent.remote_script(dst, name, schema, args, kwargs, t, code)
         else:
             obj = agent.remote_builtin(dst, name, args, kwargs, t)
         return RRef(_script_object=obj)
@@ -537,12 +606,14 @@ def remote(to, func, args=None, kwargs=None, timeout: Optional[float] = None) ->
 
 
 def debug_info() -> dict:
-    """Counts of this worker's RRef state and requests in flight, and the
-    peers it found lost."""
+    """Counts of this worker's RRef state and requests in flight, the peers it
+    found lost, its connections, the messages and bytes sent to and received
+    from each peer ("traffic"), and its cache of shipped code."""
     state = _current()
     info = state.agent.debug_info()
     info["lost_peers"] = {state.workers[r].name: why for r, why in state.agent.lost_peers().items()}
     info["connections"] = {state.workers[r].name: c for r, c in info["connections"].items()}
+    info["traffic"] = {state.workers[r].name: t for r, t in info["traffic"].items()}
     return info
 
 

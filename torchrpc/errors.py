@@ -17,6 +17,7 @@ __all__ = [
     "RemoteError",
     "PeerLostError",
     "AuthenticationError",
+    "CodeRefusedError",
     "RpcCancelledError",
     "RpcShutdownError",
     "ArgumentError",
@@ -75,6 +76,11 @@ class AuthenticationError(PeerLostError, PermissionError):
 
 class RpcCancelledError(RpcError):
     """torchrpc.cancel() gave the call up before its reply arrived."""
+
+
+class CodeRefusedError(RpcError, PermissionError):
+    """Compiled code was shipped by value to a worker that does not accept
+    code (RpcOptions(accept_code=True) opts in). Nothing of it was loaded."""
 
 
 class InvalidWorkerError(RpcError, ValueError):

@@ -13,6 +13,12 @@ site) and returns the declared type.
         fut = add_stub.rpc_async("w1", x, x)   # Future[Any]
         y = add_stub.wait(fut)                 # Tensor
         return add_stub.rpc_sync("w1", y, x)   # Tensor
+
+`stub.remote(to, ...)` returns a typed view of the RRef (`stub.RRef`), whose
+`to_here()` and `local_value()` return the declared type: assigning it to a
+variable of another type, or passing wrong arguments, fails when the caller
+is compiled, not when it runs. `stub.RRef(rref)` types an RRef obtained
+elsewhere (checked when its value is fetched).
 """
 
 import hashlib
@@ -31,17 +37,20 @@ _SIMPLE_DEFAULTS = (bool, int, float, str, type(None))
 
 
 class Stub(types.ModuleType):
-    """Three ScriptFunctions for one remote function: rpc_sync, rpc_async, wait.
+    """ScriptFunctions for one remote function (rpc_sync, rpc_async, wait,
+    remote) and the TorchScript class of its typed RRefs (RRef).
 
     A module type on purpose: TorchScript resolves attributes of Python
     modules at compile time, and of no other plain Python object.
     """
 
-    def __init__(self, rpc_sync, rpc_async, wait, qualified_name):
+    def __init__(self, module, qualified_name):
         super().__init__(f"torchrpc_stub.{qualified_name}")
-        self.rpc_sync = rpc_sync
-        self.rpc_async = rpc_async
-        self.wait = wait
+        self.rpc_sync = torch.jit.script(module.rpc_sync)
+        self.rpc_async = torch.jit.script(module.rpc_async)
+        self.wait = torch.jit.script(module.wait)
+        self.RRef = module.TypedRRef
+        self.remote = torch.jit.script(module.remote)
         self.qualified_name = qualified_name
 
 
@@ -77,6 +86,7 @@ def stub(fn, qualified_name=None, schema=None) -> Stub:
         if ret == "None"
         else f"    assert torch.jit.isinstance(r, {ret})\n    return r\n"
     )
+    indented = "".join("    " + line + "\n" for line in refine.splitlines())
     source = (
         f"def rpc_sync({sig}) -> {ret}:\n"
         f"    args: List[Any] = [{args}]\n"
@@ -87,14 +97,24 @@ def stub(fn, qualified_name=None, schema=None) -> Stub:
         f"    return torch.ops.torchrpc.rpc_async(to, {qualified_name!r}, args, timeout)\n"
         f"def wait(fut: Future[Any]) -> {ret}:\n"
         f"    r = fut.wait()\n" + refine
+        + "@torch.jit.script\n"
+        "class TypedRRef:\n"
+        "    def __init__(self, rref: torch.classes.torchrpc.RRef):\n"
+        "        self.rref = rref\n"
+        f"    def to_here(self, timeout: float = -1.0) -> {ret}:\n"
+        "        r = self.rref.to_here(timeout)\n" + indented
+        + f"    def local_value(self) -> {ret}:\n"
+        "        r = self.rref.local_value()\n" + indented
+        + "    def owner_name(self) -> str:\n"
+        "        return self.rref.owner_name()\n"
+        "    def is_owner(self) -> bool:\n"
+        "        return self.rref.is_owner()\n"
+        f"def remote({sig}) -> TypedRRef:\n"
+        f"    args: List[Any] = [{args}]\n"
+        f"    return TypedRRef(torch.ops.torchrpc.remote(to, {qualified_name!r}, args, timeout))\n"
     )
     module = _load_source(qualified_name, source)
-    return Stub(
-        torch.jit.script(module.rpc_sync),
-        torch.jit.script(module.rpc_async),
-        torch.jit.script(module.wait),
-        qualified_name,
-    )
+    return Stub(module, qualified_name)
 
 
 def _load_source(qualified_name, source):

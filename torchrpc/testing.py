@@ -317,6 +317,14 @@ def _call_args() -> st.SearchStrategy:
 _PICKLED = {"pickled": _pickled_bytes}
 _CALL = {"args": _call_args}
 _WRAPS = {"wrapped": lambda: st.deferred(lambda: messages(wrapped=True))}
+# WITH_CODE: an archive's bytes (any: its id is not checked by the codec)
+# around a call.
+_WITH_CODE = {
+    "archive": lambda: st.binary(max_size=256).map(
+        lambda b: torch.tensor(list(b), dtype=torch.uint8)),
+    "wrapped": lambda: st.one_of(message_strategy("SCRIPT_CALL", True),
+                                 message_strategy("SCRIPT_REMOTE_CALL", True)),
+}
 
 # How to generate each message type's fields where values_of(declared type)
 # is not enough. Every type is listed, even with nothing to override, so a
@@ -356,6 +364,7 @@ MESSAGE_FIELD_STRATEGIES: Dict[str, Dict[str, typing.Callable[[], st.SearchStrat
     "SCHEMA_RET": {},
     "SHUTDOWN_NOTICE": {},
     "CANCEL_RET": {},
+    "WITH_CODE": _WITH_CODE,
 }
 
 
@@ -365,7 +374,8 @@ def message_strategy(message_type, wrapped: bool = False) -> st.SearchStrategy:
     A wrapped message (inside ForwardAutogradReq etc.) has id 0, since only
     the outer message's id travels.
     """
-    message_type = _messages.MessageType(message_type)
+    message_type = _messages.MessageType[message_type] if isinstance(message_type, str) \
+        else _messages.MessageType(message_type)
     overrides = MESSAGE_FIELD_STRATEGIES[message_type.name]  # KeyError: add the new type above
     cls = _messages.MESSAGE_CLASSES[message_type]
     fields = {
@@ -624,3 +634,24 @@ def authenticated_socket(address: str, as_worker: int, listener: int, secret: by
     s.sendall(_handshake_mac(secret, job_id, b"torchrpc handshake v1 dialer", as_worker, listener,
                              nonce, their_nonce))
     return s
+
+
+def read_frame(sock: socket.socket):
+    """Reads the next frame other than a heartbeat from a raw socket (the
+    48-byte header, then the sizes it gives) and decodes it."""
+
+    def exact(n):
+        buf = b""
+        while len(buf) < n:
+            chunk = sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("the worker closed the connection")
+            buf += chunk
+        return buf
+
+    while True:
+        header = exact(48)
+        payload, descriptors, _, _, storage = struct.unpack_from("<IIIIQ", header, 16)
+        frame = _messages.decode(header + exact(payload + descriptors + storage))
+        if frame.TYPE != _messages.MessageType.HEARTBEAT:  # liveness, never an answer
+            return frame

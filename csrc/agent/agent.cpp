@@ -30,6 +30,7 @@ const char* kindName(ErrorKind kind) {
     case ErrorKind::kForbidden: return "torchrpc.PythonCallDisabledError";
     case ErrorKind::kAuth: return "torchrpc.AuthenticationError";
     case ErrorKind::kCancelled: return "torchrpc.RpcCancelledError";
+    case ErrorKind::kCodeRefused: return "torchrpc.CodeRefusedError";
     case ErrorKind::kRemote:
     case ErrorKind::kRpc: break;
   }
@@ -41,7 +42,8 @@ const char* kindName(ErrorKind kind) {
 bool kindFromName(const std::string& name, ErrorKind& kind) {
   for (ErrorKind k : {ErrorKind::kDecode, ErrorKind::kTimeout, ErrorKind::kPeerLost,
                       ErrorKind::kShutdown, ErrorKind::kArgument, ErrorKind::kNotFound,
-                      ErrorKind::kForbidden, ErrorKind::kAuth, ErrorKind::kCancelled, ErrorKind::kRpc}) {
+                      ErrorKind::kForbidden, ErrorKind::kAuth, ErrorKind::kCancelled, ErrorKind::kCodeRefused,
+                      ErrorKind::kRpc}) {
     if (name == kindName(k)) {
       kind = k;
       return true;
@@ -89,6 +91,7 @@ c10::IValue pickledTuple(PickledValue& v) {
 Agent::Agent(WorkerInfo self, AgentOptions options)
     : self_(std::move(self)), options_(std::move(options)) {
   self_.pythonUdf = options_.pythonUdf;
+  code_ = std::make_unique<CodeCache>(options_.codeCacheSize);
   pool_ = std::make_unique<ThreadPool>(static_cast<size_t>(std::max<int64_t>(1, options_.numWorkerThreads)));
   callbacks_ = std::make_unique<ThreadPool>(kCallbackThreads);
   TransportCallbacks callbacks;
@@ -127,6 +130,10 @@ Agent::~Agent() { shutdown(); }
 void Agent::setWorkers(std::vector<WorkerInfo> workers) {
   for (size_t i = 0; i < workers.size(); ++i) {
     TORCH_CHECK(workers[i].id == static_cast<int64_t>(i), "workers must be indexed by id");
+  }
+  if (trafficSize_.load() == 0) {
+    traffic_ = std::make_unique<Traffic[]>(workers.size());
+    trafficSize_.store(workers.size(), std::memory_order_release);
   }
   {
     std::lock_guard<std::mutex> g(workersMu_);
@@ -220,6 +227,7 @@ FuturePtr Agent::send(int64_t to, Message&& request, double timeoutSeconds, cons
   try {
     conn = connectionTo(to);
     conn->send(request);
+    count(to, request, true);
   } catch (const RpcError& e) {
     if (conn && e.kind() == ErrorKind::kPeerLost) {
       // A connection that broke under us is forgotten; the next call redials.
@@ -295,22 +303,102 @@ FuturePtr Agent::sendReliably(int64_t to, Message&& request, const std::string& 
   return retry->result;
 }
 
-FuturePtr Agent::scriptCall(int64_t to, std::string qualifiedName, std::vector<c10::IValue> stack,
-                            double timeoutSeconds) {
-  std::string what = qualifiedName;
+FuturePtr Agent::sendScript(int64_t to, const std::string& name, std::vector<c10::IValue> stack,
+                            double timeoutSeconds, const ShippedCode* code) {
   Message request;
   std::vector<RRefPtr> held;
   {
     SendingTo scope(to);
-    request = ScriptCall(std::move(qualifiedName), std::move(stack)).toMessage(rrefs_->objectCodec());
+    request = ScriptCall(name, std::move(stack)).toMessage(rrefs_->objectCodec());
     held = scope.take();
   }
-  FuturePtr fut = send(to, std::move(request), timeoutSeconds, what);
+  if (code) request = withCode(to, std::move(request), code);
+  FuturePtr fut = send(to, std::move(request), timeoutSeconds, name);
   if (!held.empty()) fut->addCallback([held = std::move(held)](c10::ivalue::Future&) {});
   return fut;
 }
 
+FuturePtr Agent::scriptCall(int64_t to, std::string qualifiedName, std::vector<c10::IValue> stack,
+                            double timeoutSeconds, const ShippedCode* code) {
+  if (!code) return sendScript(to, qualifiedName, std::move(stack), timeoutSeconds, nullptr);
+  const bool carried = !ledger_.holds(to, code->id);
+  auto retryStack = carried ? std::vector<c10::IValue>() : stack;  // tensors are shared, not copied
+  FuturePtr first = sendScript(to, qualifiedName, std::move(stack), timeoutSeconds, code);
+  // An answer that is not "unknown code" means the callee holds the code now.
+  auto holds = [](c10::ivalue::Future& f) {
+    if (!f.hasError()) return true;
+    try {
+      std::rethrow_exception(f.exception_ptr());
+    } catch (const RpcError& e) {
+      return e.kind() != ErrorKind::kNotFound && e.kind() != ErrorKind::kCodeRefused &&
+             e.kind() != ErrorKind::kArgument && e.kind() != ErrorKind::kPeerLost;
+    } catch (...) {
+    }
+    return true;
+  };
+  if (carried) {
+    first->addCallback([this, to, id = code->id, holds](c10::ivalue::Future& f) {
+      if (holds(f)) ledger_.confirm(to, id);
+    });
+    return first;
+  }
+  // Sent by name alone: if the callee evicted the code meanwhile, send it again.
+  auto result = c10::make_intrusive<c10::ivalue::Future>(first->elementType());
+  alias(result, first);
+  first->addCallback([this, to, name = std::move(qualifiedName), retryStack = std::move(retryStack), code = *code,
+                      timeoutSeconds, result](c10::ivalue::Future& f) mutable {
+    bool evicted = false;
+    if (f.hasError()) {
+      try {
+        std::rethrow_exception(f.exception_ptr());
+      } catch (const RpcError& e) {
+        evicted = e.kind() == ErrorKind::kNotFound;
+      } catch (...) {
+      }
+    }
+    unalias(result);
+    if (!evicted) {
+      completeFrom(c10::intrusive_ptr<c10::ivalue::Future>::reclaim_copy(&f), result);
+      return;
+    }
+    ledger_.forget(to, code.id);
+    try {
+      completeFrom(scriptCall(to, std::move(name), std::move(retryStack), timeoutSeconds, &code), result);
+    } catch (...) {
+      result->setErrorIfNeeded(std::current_exception());
+    }
+  });
+  return result;
+}
+
+Message Agent::withCode(int64_t to, Message&& call, const ShippedCode* code) {
+  if (!code || ledger_.holds(to, code->id)) return std::move(call);
+  return wrapWithCode(*code, std::move(call));
+}
+
+Message Agent::acceptCode(Message&& request) {
+  if (!options_.acceptCode) {
+    throw RpcError(ErrorKind::kCodeRefused, "torchrpc: worker '" + self_.name +
+                                                "' does not accept code shipped by value (start it with "
+                                                "RpcOptions(accept_code=True)); nothing was loaded");
+  }
+  ShippedCode code;
+  Message call = unwrapCode(std::move(request), code);
+  code_->install(code.id, code.kind, code.archive);
+  return call;
+}
+
+void Agent::count(int64_t peer, const Message& m, bool sent) {
+  if (peer < 0 || static_cast<size_t>(peer) >= trafficSize_.load(std::memory_order_acquire)) return;
+  uint64_t bytes = m.payload.size();
+  for (const auto& t : m.tensors) bytes += t.nbytes();
+  Traffic& t = traffic_[peer];
+  (sent ? t.messagesSent : t.messagesReceived).fetch_add(1, std::memory_order_relaxed);
+  (sent ? t.bytesSent : t.bytesReceived).fetch_add(bytes, std::memory_order_relaxed);
+}
+
 void Agent::onMessage(const std::shared_ptr<Connection>& conn, Message&& message) {
+  count(conn->peerId(), message, false);
   if (isResponse(message.type)) {
     try {
       completeResponse(std::move(message));
@@ -356,7 +444,8 @@ bool Agent::mayServeInline(const Message& request) {
   if (bytes > kInlineRequestBytes) return false;  // a large input may take long
   auto name = ScriptCall::peekName(request);
   if (!name) return false;
-  auto callable = registry_.findKnown(*name);  // never the resolver: it takes the GIL
+  // Never the resolver: it takes the GIL.
+  auto callable = isCodeId(*name) ? code_->find(*name) : registry_.findKnown(*name);
   return callable && callable->mayRunInline();
 }
 
@@ -411,6 +500,7 @@ void Agent::serveRequest(const std::shared_ptr<Connection>& conn, Message&& requ
       autograd.emplace();
       request = autograd_->unwrap(std::move(request), *autograd);
     }
+    if (request.type == MessageType::kWithCode) request = acceptCode(std::move(request));
   } catch (...) {
     response = describeCurrentException().toMessage();
   }
@@ -448,7 +538,11 @@ void Agent::serveRequest(const std::shared_ptr<Connection>& conn, Message&& requ
 }
 
 c10::IValue Agent::runScript(ScriptCall& call) {
-  auto callable = registry_.find(call.qualifiedName());
+  auto callable = findCallable(call.qualifiedName());
+  if (!callable && isCodeId(call.qualifiedName())) {
+    throw RpcError(ErrorKind::kNotFound, "torchrpc: worker '" + self_.name + "' does not hold code " +
+                                             call.qualifiedName() + " (never sent, or evicted from its cache)");
+  }
   if (!callable) {
     throw RpcError(ErrorKind::kNotFound, "torchrpc: no function '" + call.qualifiedName() +
                                              "' is registered on worker '" + self_.name + "'");
@@ -581,7 +675,7 @@ std::optional<Message> Agent::runRequest(Message& request, int64_t from, const R
       return RRefAck().toMessage();
     case MessageType::kSchemaQuery: {
       auto query = SchemaQuery::fromMessage(request);
-      auto callable = registry_.find(query->value());
+      auto callable = findCallable(query->value());
       return SchemaRet(callable ? toString(callable->schema()) : "").toMessage();
     }
     default:
@@ -630,6 +724,7 @@ void Agent::reply(const std::shared_ptr<Connection>& conn, Message&& response, i
   response.id = id;
   try {
     conn->send(response);
+    count(conn->peerId(), response, true);
   } catch (const RpcError& e) {
     if (e.kind() == ErrorKind::kPeerLost) return;  // the caller is gone; nobody to tell
     // The result could not be encoded (an unsendable type): say so instead.

@@ -24,12 +24,14 @@
 #include <unordered_map>
 #include <vector>
 
+#include "agent/code_cache.h"
 #include "agent/function_registry.h"
 #include "agent/param_store.h"
 #include "autograd/dist_autograd.h"
 #include "messages/control.h"
 #include "messages/python_call.h"
 #include "messages/script_call.h"
+#include "messages/with_code.h"
 #include "agent/thread_pool.h"
 #include "agent/transport.h"
 #include "agent/transport_set.h"
@@ -49,6 +51,8 @@ struct AgentOptions {
   int64_t numWorkerThreads = 16;
   double rpcTimeoutSeconds = 60.0;  // default for calls that pass none
   bool pythonUdf = false;           // run PYTHON_CALLs from peers
+  bool acceptCode = false;          // load code shipped by value (WITH_CODE)
+  size_t codeCacheSize = 64;        // shipped code kept loaded, least recently used out
   // The job's credentials, handshake, liveness and size limits, common to
   // every transport (selfName and credentials.selfId are filled in by the
   // agent).
@@ -107,8 +111,20 @@ class Agent {
   // 8 s) until answered, the peer is lost or the agent stops. The receiver
   // must treat repeats as no-ops.
   FuturePtr sendReliably(int64_t to, Message&& request, const std::string& what);
+  // A SCRIPT_CALL. With `code`, of code shipped by value (qualifiedName is
+  // code->id): the archive goes along until `to` confirmed holding it, and a
+  // call the callee no longer holds the code for (evicted) is sent again
+  // with it.
   FuturePtr scriptCall(int64_t to, std::string qualifiedName, std::vector<c10::IValue> stack,
-                       double timeoutSeconds);
+                       double timeoutSeconds, const ShippedCode* code = nullptr);
+  // `call` (a SCRIPT_CALL or SCRIPT_REMOTE_CALL) as it goes to `to`: wrapped
+  // with `code` unless `to` is known to hold it.
+  Message withCode(int64_t to, Message&& call, const ShippedCode* code);
+  // A registered function, builtin operator or shipped code; null if none.
+  std::shared_ptr<Callable> findCallable(const std::string& name) {
+    return isCodeId(name) ? code_->find(name) : registry_.find(name);
+  }
+  CodeCache& codeCache() { return *code_; }
   // Waits for `future`, the reply to a request sent to `to`: for up to
   // kSyncSpinNs it reads the connection itself where the transport allows
   // (Connection::poll), else spins, then sleeps until completion.
@@ -160,6 +176,15 @@ class Agent {
   std::vector<ConnectionInfo> connections();
   // Requests served on the thread that received them (mayServeInline).
   uint64_t servedInline() const { return servedInline_.load(); }
+  // Messages and their bytes (payload plus tensor data) to and from each
+  // peer, requests and responses alike.
+  struct Traffic {
+    std::atomic<uint64_t> messagesSent{0}, bytesSent{0}, messagesReceived{0}, bytesReceived{0};
+  };
+  const Traffic* traffic(int64_t peer) const {
+    return peer >= 0 && static_cast<size_t>(peer) < trafficSize_.load(std::memory_order_acquire)
+               ? &traffic_[peer] : nullptr;
+  }
 
   // Requests of ours still waiting for a response.
   size_t pendingCount();
@@ -194,6 +219,12 @@ class Agent {
   // The response, or nullopt when `respond` will be called later.
   std::optional<Message> runRequest(Message& request, int64_t from, const Responder& respond);
   c10::IValue runScript(ScriptCall& call);
+  // WITH_CODE: refuses (before loading anything) unless acceptCode, else
+  // installs the code and returns the call it wraps.
+  Message acceptCode(Message&& request);
+  FuturePtr sendScript(int64_t to, const std::string& name, std::vector<c10::IValue> stack, double timeoutSeconds,
+                       const ShippedCode* code);
+  void count(int64_t peer, const Message& m, bool sent);
   RpcError pythonDisabled() const;
   // The EXCEPTION to send for the exception being handled.
   Message describeError() const;
@@ -208,6 +239,10 @@ class Agent {
   AgentOptions options_;
   std::vector<WorkerInfo> workers_;
   FunctionRegistry registry_;
+  std::unique_ptr<CodeCache> code_;
+  CodeLedger ledger_;
+  std::unique_ptr<Traffic[]> traffic_;
+  std::atomic<size_t> trafficSize_{0};
   ParamStore params_;
   PythonHooks python_;
   std::shared_ptr<RRefContext> rrefs_;

@@ -68,10 +68,29 @@ Callable::Callable(std::shared_ptr<torch::jit::Operator> op) : op_(std::move(op)
                 schema_.name() != "aten::wait" && schema_.name() != "aten::sleep";
 }
 
+Callable::Callable(const torch::jit::Module& module, const std::string& method)
+    : fn_(&module.get_method(method).function()), module_(module), schema_(fn_->getSchema()) {
+  auto args = schema_.arguments();
+  args.erase(args.begin());  // self, which run() supplies
+  schema_ = schema_.cloneWithArguments(std::move(args));
+  // Methods read module state (class-typed values): never inline.
+  inlineSafe_ = false;
+}
+
+Callable::Callable(c10::FunctionSchema schema, Runner run, bool inlineSafe)
+    : runner_(std::move(run)), schema_(std::move(schema)) {
+  inlineSafe_ = inlineSafe;
+}
+
 c10::IValue Callable::run(std::vector<c10::IValue>& stack) const {
   const auto start = std::chrono::steady_clock::now();
-  if (fn_ != nullptr) {
+  if (module_) {
+    stack.insert(stack.begin(), module_->_ivalue());
     fn_->run(stack);
+  } else if (fn_ != nullptr) {
+    fn_->run(stack);
+  } else if (runner_) {
+    runner_(stack);
   } else {
     op_->getOperation()(stack);
   }

@@ -8,24 +8,38 @@
 
 #include <ATen/core/function_schema.h>
 #include <torch/csrc/jit/api/compilation_unit.h>
+#include <torch/csrc/jit/api/module.h>
 #include <torch/csrc/jit/runtime/operator.h>
 
 #include <atomic>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <chrono>
 
 namespace torchrpc {
 
+// One thing a worker can run: a TorchScript function, a ScriptModule's
+// method, an operator, or any other compiled function (an exported program,
+// an AOTInductor package) given as its schema and a runner.
 class Callable {
  public:
+  // Runs on the full positional stack (no `self`) and leaves the outputs on it.
+  using Runner = std::function<void(std::vector<c10::IValue>& stack)>;
+
   Callable(std::shared_ptr<torch::jit::CompilationUnit> cu, torch::jit::Function* fn);
   explicit Callable(std::shared_ptr<torch::jit::Operator> op);
+  // `module`'s `method`, called with `module` as self; its schema drops self.
+  Callable(const torch::jit::Module& module, const std::string& method);
+  // `inlineSafe`: `run` never blocks (no GIL, no RPC, no waits).
+  Callable(c10::FunctionSchema schema, Runner run, bool inlineSafe);
 
   const c10::FunctionSchema& schema() const { return schema_; }
+  // Names it `name` in its schema (what schema queries and errors show).
+  void rename(const std::string& name) { schema_ = schema_.cloneWithName(name, ""); }
   // Runs on `stack` (the full positional arguments) and returns the result:
   // the single output, None for none, a tuple for several.
   c10::IValue run(std::vector<c10::IValue>& stack) const;
@@ -47,6 +61,8 @@ class Callable {
   std::shared_ptr<torch::jit::CompilationUnit> cu_;  // keeps fn_ alive
   torch::jit::Function* fn_ = nullptr;
   std::shared_ptr<torch::jit::Operator> op_;
+  std::optional<torch::jit::Module> module_;  // self for fn_, a method of it
+  Runner runner_;
   c10::FunctionSchema schema_;
   bool inlineSafe_ = false;
   // How long it ran lately: the longer of the last run and half the one

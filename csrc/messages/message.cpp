@@ -7,6 +7,7 @@
 #include "messages/control.h"
 #include "messages/python_call.h"
 #include "messages/script_call.h"
+#include "messages/with_code.h"
 #include "wire/ivalue_codec.h"
 
 namespace torchrpc {
@@ -114,6 +115,7 @@ std::vector<MessageSpec> buildSpecs() {
       {T::kSchemaRet, "SchemaRet", {{"schema", str}}},
       {T::kShutdownNotice, "ShutdownNotice", {{"worker_id", integer}}},
       {T::kCancelRet, "CancelRet", {{"never_ran", boolean}}},
+      {T::kWithCode, "WithCode", {{"code_id", str}, {"kind", str}, {"archive", tensor}, wrapped}},
   };
   TORCH_INTERNAL_ASSERT(s.size() == kMaxMessageType, "a MessageType has no spec");
   for (size_t i = 0; i < s.size(); ++i) {
@@ -208,6 +210,7 @@ std::unique_ptr<RpcCommand> commandFromFields(MessageType type, std::vector<c10:
     case T::kSchemaRet: return SchemaRet::fromFields(std::move(f));
     case T::kShutdownNotice: return ShutdownNotice::fromFields(std::move(f));
     case T::kCancelRet: return CancelRet::fromFields(std::move(f));
+    case T::kWithCode: return WithCode::fromFields(std::move(f));
   }
   throwDecode("unknown message type " + std::to_string(static_cast<int>(type)));
 }

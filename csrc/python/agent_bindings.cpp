@@ -127,12 +127,23 @@ torch::jit::Stack scriptStack(Agent& agent, int64_t to, const std::string& name,
   }
 }
 
+// Code shipped by value, as Python passes it: (id, kind, archive) or None.
+using PyCode = std::optional<std::tuple<std::string, std::string, at::Tensor>>;
+
+std::optional<ShippedCode> shippedCode(const PyCode& code) {
+  if (!code) return std::nullopt;
+  return ShippedCode{std::get<0>(*code), std::get<1>(*code), std::get<2>(*code)};
+}
+
 py::object scriptCall(const std::shared_ptr<Agent>& self, int64_t to, const std::string& name,
                       const c10::FunctionSchema& schema, const py::tuple& args, const py::dict& kwargs, double timeout,
-                      bool sync, const py::object& out) {
+                      bool sync, const py::object& out, const PyCode& pyCode) {
   Agent& agent = *self;
   torch::jit::Stack stack = scriptStack(agent, to, name, schema, args, kwargs);
-  return finish(self, to, sync, out, [&] { return agent.scriptCall(to, name, std::move(stack), timeout); });
+  auto code = shippedCode(pyCode);
+  return finish(self, to, sync, out, [&] {
+    return agent.scriptCall(to, name, std::move(stack), timeout, code ? &*code : nullptr);
+  });
 }
 
 // Picks the overload of `opName` that fits the Python arguments.
@@ -280,10 +291,12 @@ py::object startRemote(Agent& agent, int64_t to, const std::string& what, bool i
 }
 
 py::object remoteScript(Agent& agent, int64_t to, const std::string& name, const c10::FunctionSchema& schema,
-                        const py::tuple& args, const py::dict& kwargs, double timeout) {
+                        const py::tuple& args, const py::dict& kwargs, double timeout, const PyCode& pyCode) {
   torch::jit::Stack stack = scriptStack(agent, to, name, schema, args, kwargs);
+  auto code = shippedCode(pyCode);
   return startRemote(agent, to, name, false, timeout, [&](const RRefId& id, const ForkId& fork) {
-    return ScriptRemoteCall(name, stack, false, id, fork).toMessage(agent.rrefs().objectCodec());
+    return agent.withCode(to, ScriptRemoteCall(name, stack, false, id, fork).toMessage(agent.rrefs().objectCodec()),
+                          code ? &*code : nullptr);
   });
 }
 
@@ -339,6 +352,8 @@ void initAgentBindings(py::module_& m) {
              o.numWorkerThreads = get("num_worker_threads").cast<int64_t>();
              o.rpcTimeoutSeconds = get("rpc_timeout").cast<double>();
              o.pythonUdf = get("python_udf").cast<bool>();
+             o.acceptCode = get("accept_code").cast<bool>();
+             o.codeCacheSize = get("code_cache_size").cast<size_t>();
              o.faults = get("faults").cast<std::string>();
              t.credentials.secret = get("secret").cast<std::string>();
              t.credentials.jobId = get("job_id").cast<std::string>();
@@ -389,8 +404,13 @@ void initAgentBindings(py::module_& m) {
              if (!c) return std::nullopt;
              return c->schema();
            })
+      .def("register_callable",
+           [](Agent& a, const std::string& name, std::shared_ptr<Callable> callable) {
+             a.registry().add(name, std::move(callable));
+           })
       .def("script_call", &scriptCall, py::arg("to"), py::arg("name"), py::arg("schema"), py::arg("args"),
-           py::arg("kwargs"), py::arg("timeout"), py::arg("sync"), py::arg("out") = py::none())
+           py::arg("kwargs"), py::arg("timeout"), py::arg("sync"), py::arg("out") = py::none(),
+           py::arg("code") = py::none())
       .def("builtin_call", &builtinCall, py::arg("to"), py::arg("op_name"), py::arg("args"), py::arg("kwargs"),
            py::arg("timeout"), py::arg("sync"), py::arg("out") = py::none())
       .def("python_call", &pythonCall, py::arg("to"), py::arg("what"), py::arg("pickled"), py::arg("tensors"),
@@ -405,7 +425,8 @@ void initAgentBindings(py::module_& m) {
              return finish(a, fut, true).cast<std::string>();
            })
       .def("set_python_hooks", &setPythonHooks)
-      .def("remote_script", &remoteScript)
+      .def("remote_script", &remoteScript, py::arg("to"), py::arg("name"), py::arg("schema"), py::arg("args"),
+           py::arg("kwargs"), py::arg("timeout"), py::arg("code") = py::none())
       .def("remote_python", &remotePython)
       .def("remote_builtin",
            [](Agent& agent, int64_t to, const std::string& opName, const py::tuple& args, const py::dict& kwargs,
@@ -462,6 +483,20 @@ void initAgentBindings(py::module_& m) {
           conns[py::int_(c.peer)] = d;
         }
         out["connections"] = conns;
+        py::dict traffic;  // by peer id
+        for (const auto& w : agent.workers()) {
+          const Agent::Traffic* t = agent.traffic(w.id);
+          if (!t) continue;
+          py::dict d;
+          d["messages_sent"] = t->messagesSent.load();
+          d["bytes_sent"] = t->bytesSent.load();
+          d["messages_received"] = t->messagesReceived.load();
+          d["bytes_received"] = t->bytesReceived.load();
+          traffic[py::int_(w.id)] = d;
+        }
+        out["traffic"] = traffic;
+        out["code_cache"] = py::dict(py::arg("entries") = agent.codeCache().size(),
+                                     py::arg("loads") = agent.codeCache().loads());
         return out;
       })
       .def("cancel", [](Agent& agent, const std::shared_ptr<PythonFutureWrapper>& fut) {

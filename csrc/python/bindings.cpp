@@ -128,6 +128,7 @@ py::list messageSpecs() {
 }  // namespace
 
 void initAgentBindings(py::module_& m);
+void initCompiledBindings(py::module_& m);
 
 }  // namespace torchrpc
 
@@ -141,5 +142,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_message", &decodeMessage, py::arg("data"),
         "Decodes one frame into (type, id, [(value, type annotation), ...]).");
   m.def("frame_header_bytes", [] { return kFrameHeaderBytes; });
+  initCompiledBindings(m);
   initAgentBindings(m);
 }

@@ -21,6 +21,7 @@ const char* className(ErrorKind kind) {
     case ErrorKind::kForbidden: return "PythonCallDisabledError";
     case ErrorKind::kAuth: return "AuthenticationError";
     case ErrorKind::kCancelled: return "RpcCancelledError";
+    case ErrorKind::kCodeRefused: return "CodeRefusedError";
     case ErrorKind::kRpc: break;
   }
   return "RpcError";

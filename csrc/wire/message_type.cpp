@@ -13,8 +13,9 @@ const std::string& messageTypeName(MessageType type) {
       "BACKWARD_AUTOGRAD_REQ", "BACKWARD_AUTOGRAD_RESP", "CLEANUP_AUTOGRAD_CONTEXT_REQ",
       "CLEANUP_AUTOGRAD_CONTEXT_RESP", "RUN_WITH_PROFILING_REQ", "RUN_WITH_PROFILING_RESP",
       "RREF_BACKWARD_REQ", "RREF_BACKWARD_RESP", "EXCEPTION", "HANDSHAKE", "HEARTBEAT", "CANCEL",
-      "SCHEMA_QUERY", "SCHEMA_RET", "SHUTDOWN_NOTICE", "CANCEL_RET"};
-  static_assert(kMaxMessageType == 33, "name the new message type above");
+      "SCHEMA_QUERY", "SCHEMA_RET", "SHUTDOWN_NOTICE", "CANCEL_RET",
+      "WITH_CODE"};
+  static_assert(kMaxMessageType == 34, "name the new message type above");
   return names.at(static_cast<size_t>(type) - 1);
 }
 

@@ -77,10 +77,15 @@ enum class MessageType : uint16_t {
   kShutdownNotice = 32,
   // The answer to CANCEL: whether the request had not started (never ran).
   kCancelRet = 33,
+  // A SCRIPT_CALL or SCRIPT_REMOTE_CALL of code shipped by value (its name is
+  // "sha256:<hex>"), carrying the code's archive: sent until the callee is
+  // known to hold it, after which the plain call with the name alone goes.
+  // Answered by the wrapped call's response.
+  kWithCode = 34,
 };
 
 // The highest MessageType value; every value from 1 to it is defined.
-constexpr uint16_t kMaxMessageType = 33;
+constexpr uint16_t kMaxMessageType = 34;
 
 inline bool isKnownMessageType(uint16_t t) { return t >= 1 && t <= kMaxMessageType; }
 
