@@ -72,7 +72,16 @@ def ship_async_and_remote(to):
     futs = [torchrpc.rpc_async(to, module, (x,)) for _ in range(10)]
     ok = all(torch.allclose(f.wait(), module(x)) for f in futs)
     rref = torchrpc.remote(to, sc.scale_add, (x, 2.0))
-    return ok and torch.allclose(rref.to_here(), x * 2.0 + 1.0)
+    ok = ok and torch.allclose(rref.to_here(), x * 2.0 + 1.0)
+    # An exported program's input spec is checked before anything is sent.
+    ep = sc.exported_program()
+    before = _bytes_to(to)
+    try:
+        torchrpc.rpc_sync(to, ep, (torch.randn(3, 8), torch.randn(2, 4)))
+        refused = None
+    except torchrpc.ArgumentError as e:
+        refused = str(e)
+    return ok, refused, _bytes_to(to) - before
 
 
 def call_refused(to):
@@ -97,7 +106,10 @@ def test_code_shipped_by_value_carries_the_archive_once():
             assert sizes[0] > archive, (kind, sizes[0], archive)
             # Every later call carries the code's name alone: far less than the archive.
             assert max(sizes[1:]) < min(archive, 2048), (kind, archive, sorted(sizes[1:])[-3:])
-        assert world.do(0, ship_async_and_remote, "w1")
+        ok, refused, sent = world.do(0, ship_async_and_remote, "w1")
+        assert ok
+        assert refused and "argument 'x' as a torch.float32 tensor of shape (2, 8)" in refused
+        assert sent == 0
         imported, cache = world.do(1, code_cache_state)
         assert not imported, "the callee imported the shipped module"
         assert cache["entries"] == 3 and cache["loads"] == 3, cache

@@ -532,6 +532,10 @@ def _prepare(to, func, args, kwargs, timeout):
     args = tuple(args) if args is not None else ()
     kwargs = dict(kwargs) if kwargs is not None else {}
     target = _script_target(state, dst, func)
+    if target is not None and target[3] is not None:
+        check = compiled.shipped(func).check
+        if check is not None and not kwargs:
+            check(args)  # an exported program's input spec, before anything is sent
     if target is not None and not all(type(a) in _PLAIN for a in args):
         args = _unwrap(args)
     if target is not None and kwargs:
