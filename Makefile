@@ -33,6 +33,7 @@ demo: build
 bench: build
 	$(PY) benchmarks/bench_codec.py
 	$(PY) benchmarks/bench_rpc.py
+	$(PY) benchmarks/bench_compiled.py
 
 # 10^6 mutated frames decoded in memory-limited children: no crash, no hang,
 # nothing but DecodeError (benchmarks/fuzz_frames.py --help for options).

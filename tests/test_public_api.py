@@ -14,7 +14,7 @@ def test_public_names():
             "RpcError", "DecodeError", "RpcTimeoutError", "RemoteError", "PeerLostError",
             "RpcShutdownError", "ArgumentError", "FunctionNotFoundError",
             "PythonCallDisabledError", "InvalidWorkerError", "AuthenticationError",
-            "RpcCancelledError", "cancel",
+            "RpcCancelledError", "CodeRefusedError", "cancel",
         ]
     )
     for name in torchrpc.__all__:
