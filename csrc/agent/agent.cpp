@@ -2,9 +2,11 @@
 
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/jit/runtime/jit_exception.h>
+#include <torch/csrc/profiler/api.h>
 
 #include "agent/current_agent.h"
 #include "agent/faulty_transport.h"
+#include "messages/profiling_wrap.h"
 #include "messages/control.h"
 
 namespace torchrpc {
@@ -14,6 +16,19 @@ namespace {
 constexpr size_t kRecentRequests = 4096;
 // Requests larger than this always go to a worker thread.
 constexpr uint64_t kInlineRequestBytes = 64 * 1024;
+// Requests that run something on the callee: what remote profiling wraps.
+bool isCall(MessageType t) {
+  return t == MessageType::kScriptCall || t == MessageType::kPythonCall || t == MessageType::kScriptRemoteCall ||
+         t == MessageType::kPythonRemoteCall || t == MessageType::kWithCode;
+}
+
+std::string servedName(const Message& request) {
+  if (auto name = ScriptCall::peekName(request)) return *name;
+  return messageTypeName(request.type);
+}
+
+// Remote profiles kept until Python takes them; beyond, the oldest are dropped.
+constexpr size_t kMaxProfiles = 100000;
 // Threads that complete futures handed to Python (see Agent::defer).
 constexpr size_t kCallbackThreads = 4;
 // How long a request that arrived before setWorkers waits for it.
@@ -99,6 +114,7 @@ Agent::Agent(WorkerInfo self, AgentOptions options)
   callbacks.onClosed = [this](const std::shared_ptr<Connection>& c, CloseReason reason, const std::string& why) {
     onClosed(c, reason, why);
   };
+  callbacks.onRejected = [this] { metrics_.handshakeFailed(); };
   TransportOptions transport = options_.transport;
   transport.selfName = self_.name;
   transport.credentials.selfId = self_.id;
@@ -205,15 +221,27 @@ FuturePtr Agent::send(int64_t to, Message&& request, double timeoutSeconds, cons
   const WorkerInfo& peer = worker(to);
   auto future = c10::make_intrusive<c10::ivalue::Future>(c10::AnyType::get());
   if (timeoutSeconds < 0) timeoutSeconds = options_.rpcTimeoutSeconds;
+  ProfilerRange range("torchrpc::send#", what);
+  // A call carrying code: once answered, `to` holds that code.
+  std::string codeId = request.type == MessageType::kWithCode ? shippedCodeId(request) : std::string();
+  const bool profiled = profileRemote_.load(std::memory_order_relaxed) && isCall(request.type) &&
+                        torch::profiler::impl::profilerEnabled();
   const int64_t contextId = AutogradContexts::current();
   if (contextId >= 0 && DistAutograd::carriesContext(request.type)) {
     request = autograd_->wrapRequest(contextId, to, std::move(request));
   }
   const int64_t id = nextMessageId_.fetch_add(1);
+  if (profiled) request = wrapForProfiling(MessageType::kRunWithProfilingReq, "", {self_.id, id}, std::move(request));
   request.id = id;
   {
     std::lock_guard<std::mutex> g(mu_);
-    Pending p{future, to, what, deadlines_.end(), timeoutSeconds};
+    Pending p{future, to, what, deadlines_.end(), timeoutSeconds, std::move(codeId)};
+    p.sentAt = std::chrono::steady_clock::now();
+    if (options_.metrics) {
+      p.stats = &metrics_.sent(what, to);
+      p.stats->calls.fetch_add(1, std::memory_order_relaxed);
+    }
+    if (profiled) p.profiledSentNs = wallNs();
     if (timeoutSeconds > 0) {
       auto when = std::chrono::steady_clock::now() +
                   std::chrono::duration_cast<std::chrono::steady_clock::duration>(
@@ -239,9 +267,12 @@ FuturePtr Agent::send(int64_t to, Message&& request, double timeoutSeconds, cons
     auto it = pending_.find(id);
     if (it == pending_.end()) return future;  // already failed by onClosed
     if (it->second.timeoutSeconds > 0) deadlines_.erase(it->second.deadline);
+    Pending p = std::move(it->second);
     pending_.erase(it);
     if (pending_.empty()) idleCv_.notify_all();
     g.unlock();
+    ErrorKind kind = e.kind();
+    settled(p, &kind);
     if (e.kind() == ErrorKind::kPeerLost || e.kind() == ErrorKind::kAuth || e.kind() == ErrorKind::kShutdown) {
       std::string why = e.what();
       if (why.rfind("torchrpc: ", 0) == 0) why = why.substr(10);
@@ -321,27 +352,10 @@ FuturePtr Agent::sendScript(int64_t to, const std::string& name, std::vector<c10
 FuturePtr Agent::scriptCall(int64_t to, std::string qualifiedName, std::vector<c10::IValue> stack,
                             double timeoutSeconds, const ShippedCode* code) {
   if (!code) return sendScript(to, qualifiedName, std::move(stack), timeoutSeconds, nullptr);
-  const bool carried = !ledger_.holds(to, code->id);
-  auto retryStack = carried ? std::vector<c10::IValue>() : stack;  // tensors are shared, not copied
+  // With the archive (until `to` answered one such call, see completeResponse).
+  if (!ledger_.holds(to, code->id)) return sendScript(to, qualifiedName, std::move(stack), timeoutSeconds, code);
+  auto retryStack = stack;  // tensors are shared, not copied
   FuturePtr first = sendScript(to, qualifiedName, std::move(stack), timeoutSeconds, code);
-  // An answer that is not "unknown code" means the callee holds the code now.
-  auto holds = [](c10::ivalue::Future& f) {
-    if (!f.hasError()) return true;
-    try {
-      std::rethrow_exception(f.exception_ptr());
-    } catch (const RpcError& e) {
-      return e.kind() != ErrorKind::kNotFound && e.kind() != ErrorKind::kCodeRefused &&
-             e.kind() != ErrorKind::kArgument && e.kind() != ErrorKind::kPeerLost;
-    } catch (...) {
-    }
-    return true;
-  };
-  if (carried) {
-    first->addCallback([this, to, id = code->id, holds](c10::ivalue::Future& f) {
-      if (holds(f)) ledger_.confirm(to, id);
-    });
-    return first;
-  }
   // Sent by name alone: if the callee evicted the code meanwhile, send it again.
   auto result = c10::make_intrusive<c10::ivalue::Future>(first->elementType());
   alias(result, first);
@@ -361,8 +375,7 @@ FuturePtr Agent::scriptCall(int64_t to, std::string qualifiedName, std::vector<c
       completeFrom(c10::intrusive_ptr<c10::ivalue::Future>::reclaim_copy(&f), result);
       return;
     }
-    ledger_.forget(to, code.id);
-    try {
+    try {  // completeResponse forgot that `to` held the code: this call carries it
       completeFrom(scriptCall(to, std::move(name), std::move(retryStack), timeoutSeconds, &code), result);
     } catch (...) {
       result->setErrorIfNeeded(std::current_exception());
@@ -395,6 +408,7 @@ void Agent::count(int64_t peer, const Message& m, bool sent) {
   Traffic& t = traffic_[peer];
   (sent ? t.messagesSent : t.messagesReceived).fetch_add(1, std::memory_order_relaxed);
   (sent ? t.bytesSent : t.bytesReceived).fetch_add(bytes, std::memory_order_relaxed);
+  if (!sent) t.lastReceivedNs.store(std::chrono::steady_clock::now().time_since_epoch().count(), std::memory_order_relaxed);
 }
 
 void Agent::onMessage(const std::shared_ptr<Connection>& conn, Message&& message) {
@@ -428,12 +442,15 @@ void Agent::onMessage(const std::shared_ptr<Connection>& conn, Message&& message
     }
     default:
       if (!startServing({conn->serial(), peer, message.id})) return;  // a duplicate
+      const auto received = std::chrono::steady_clock::now();
       if (mayServeInline(message)) {
         servedInline_.fetch_add(1, std::memory_order_relaxed);
-        serveRequest(conn, std::move(message));
+        serveRequest(conn, std::move(message), received);
         return;
       }
-      pool_->submit([this, conn, m = std::move(message)]() mutable { serveRequest(conn, std::move(m)); });
+      pool_->submit([this, conn, m = std::move(message), received]() mutable {
+        serveRequest(conn, std::move(m), received);
+      });
   }
 }
 
@@ -452,13 +469,13 @@ bool Agent::mayServeInline(const Message& request) {
 bool Agent::startServing(const PeerMessage& key) {
   std::lock_guard<std::mutex> g(servingMu_);
   if (recent_.count(key)) return false;
-  return serving_.emplace(key, Serving::kQueued).second;
+  return serving_.emplace(key, ServingEntry{Serving::kQueued, std::chrono::steady_clock::now(), ""}).second;
 }
 
 bool Agent::finishServing(const PeerMessage& key) {
   std::lock_guard<std::mutex> g(servingMu_);
   auto it = serving_.find(key);
-  bool cancelled = it != serving_.end() && it->second == Serving::kCancelled;
+  bool cancelled = it != serving_.end() && it->second.state == Serving::kCancelled;
   if (it != serving_.end()) serving_.erase(it);
   if (recent_.insert(key).second) {
     recentOrder_.push_back(key);
@@ -474,28 +491,49 @@ bool Agent::onCancel(const Connection* conn, int64_t id) {
   std::lock_guard<std::mutex> g(servingMu_);
   auto it = serving_.find(PeerMessage{conn->serial(), conn->peerId(), id});
   if (it == serving_.end()) return false;  // finished (or answered) already
-  bool neverRan = it->second == Serving::kQueued;
-  it->second = Serving::kCancelled;
+  bool neverRan = it->second.state == Serving::kQueued;
+  it->second.state = Serving::kCancelled;
   return neverRan;
 }
 
-void Agent::serveRequest(const std::shared_ptr<Connection>& conn, Message&& request) {
+void Agent::serveRequest(const std::shared_ptr<Connection>& conn, Message&& request,
+                         std::chrono::steady_clock::time_point received) {
   const int64_t id = request.id;
   const int64_t peer = conn->peerId();
+  const auto started = std::chrono::steady_clock::now();
+  if (options_.metrics) {
+    metrics_.queueWait(std::chrono::duration_cast<std::chrono::nanoseconds>(started - received).count());
+  }
   {
     std::lock_guard<std::mutex> g(servingMu_);
     auto it = serving_.find(PeerMessage{conn->serial(), peer, id});
     if (it != serving_.end()) {
-      if (it->second == Serving::kCancelled) {
+      if (it->second.state == Serving::kCancelled) {
         serving_.erase(it);  // the caller gave up before it started: never run
         return;
       }
-      it->second = Serving::kRunning;
+      it->second.state = Serving::kRunning;
     }
   }
   std::optional<AutogradHeader> autograd;
   std::optional<Message> response;
+  // Set for a RUN_WITH_PROFILING_REQ: the events of the request, sent back
+  // with its response (filled once the synchronous part has run).
+  struct Profiled {
+    GloballyUniqueId key;
+    int64_t receivedNs;
+    std::mutex mu;
+    std::vector<EventCollector::Event> events;
+  };
+  std::shared_ptr<Profiled> profiled;
   try {
+    if (request.type == MessageType::kRunWithProfilingReq) {
+      profiled = std::make_shared<Profiled>();
+      std::string config;
+      request = unwrapProfiling(std::move(request), config, profiled->key);
+      profiled->receivedNs =
+          wallNs() - std::chrono::duration_cast<std::chrono::nanoseconds>(started - received).count();
+    }
     if (request.type == MessageType::kForwardAutogradReq) {
       autograd.emplace();
       request = autograd_->unwrap(std::move(request), *autograd);
@@ -504,9 +542,24 @@ void Agent::serveRequest(const std::shared_ptr<Connection>& conn, Message&& requ
   } catch (...) {
     response = describeCurrentException().toMessage();
   }
+  // What it runs, for metrics: the function a call names, else the message type.
+  CallStats* stats = nullptr;
+  if (options_.metrics) {
+    const std::string what = servedName(request);
+    stats = &metrics_.served(what, peer);
+    stats->calls.fetch_add(1, std::memory_order_relaxed);
+    std::lock_guard<std::mutex> g(servingMu_);
+    auto it = serving_.find(PeerMessage{conn->serial(), peer, id});
+    if (it != serving_.end()) it->second.what = what;
+  }
   // The response goes back wrapped when the request came wrapped; may be
   // called later, from another thread (async replies).
-  Responder respond = [this, conn, id, peer, autograd](Message&& response) {
+  Responder respond = [this, conn, id, peer, autograd, stats, started, profiled](Message&& response) {
+    if (stats) {
+      stats->latency.observe(
+          std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - started).count());
+      if (response.type == MessageType::kException) stats->errors.fetch_add(1, std::memory_order_relaxed);
+    }
     if (finishServing({conn->serial(), peer, id})) return;  // cancelled while running: the caller wants no answer
     if (autograd) {
       try {
@@ -514,6 +567,12 @@ void Agent::serveRequest(const std::shared_ptr<Connection>& conn, Message&& requ
       } catch (...) {
         response = describeCurrentException().toMessage();
       }
+    }
+    if (profiled) {
+      std::lock_guard<std::mutex> g(profiled->mu);
+      response = wrapForProfiling(MessageType::kRunWithProfilingResp,
+                                  profileJson(self_.name, profiled->receivedNs, wallNs(), profiled->events),
+                                  profiled->key, std::move(response));
     }
     reply(conn, std::move(response), id);
   };
@@ -528,10 +587,18 @@ void Agent::serveRequest(const std::shared_ptr<Connection>& conn, Message&& requ
   if (!response) {
     // Nested calls made by this request belong to its autograd context.
     CurrentContextGuard context(autograd ? autograd->contextId : -1);
+    std::optional<EventCollector> collector;
+    if (profiled) collector.emplace();
     try {
       response = runRequest(request, conn->peerId(), respond);
     } catch (...) {
       response = describeError();
+    }
+    if (collector) {
+      auto events = collector->take();
+      collector.reset();
+      std::lock_guard<std::mutex> g(profiled->mu);
+      profiled->events = std::move(events);
     }
   }
   if (response) respond(std::move(*response));
@@ -749,11 +816,22 @@ void Agent::completeResponse(Message&& response) {
     if (pending_.empty()) idleCv_.notify_all();
   }
   const ObjectCodec* objects = rrefs_->objectCodec();  // RRefs in the response
+  ProfilerRange range("torchrpc::receive#", p.what);
   try {
+    if (response.type == MessageType::kRunWithProfilingResp) {
+      std::string events;
+      GloballyUniqueId key;
+      response = unwrapProfiling(std::move(response), events, key);
+      std::lock_guard<std::mutex> g(profilesMu_);
+      if (profiles_.size() >= kMaxProfiles) profiles_.pop_front();
+      profiles_.push_back({p.what, p.peer, p.profiledSentNs, wallNs(), std::move(events)});
+    }
     if (response.type == MessageType::kForwardAutogradResp) {
       AutogradHeader header;
       response = autograd_->unwrap(std::move(response), header);
     }
+    if (!p.codeId.empty() && response.type != MessageType::kException) ledger_.confirm(p.peer, p.codeId);
+    if (response.type != MessageType::kException) settled(p, nullptr);
     switch (response.type) {
       case MessageType::kScriptRet:
         p.future->markCompleted(std::move(ScriptRet::fromMessage(response, objects)->value()));
@@ -784,7 +862,12 @@ void Agent::completeResponse(Message&& response) {
       case MessageType::kException: {
         auto ex = RemoteException::fromMessage(response);
         ErrorKind kind = ErrorKind::kRemote;
-        if (kindFromName(ex->errorType(), kind)) {
+        const bool known = kindFromName(ex->errorType(), kind);
+        settled(p, &kind);
+        // Shipped code called by name that the callee no longer holds
+        // (evicted): the next call carries it again.
+        if (kind == ErrorKind::kNotFound && isCodeId(p.what)) ledger_.forget(p.peer, p.what);
+        if (known) {
           p.future->setError(std::make_exception_ptr(RpcError(kind, ex->message())));
         } else {
           std::string shortType = ex->errorType().substr(ex->errorType().rfind('.') + 1);
@@ -800,6 +883,63 @@ void Agent::completeResponse(Message&& response) {
   } catch (const RpcError& e) {
     p.future->setErrorIfNeeded(std::make_exception_ptr(
         RpcError(ErrorKind::kDecode, "torchrpc: bad response to " + describe(p) + ": " + e.what())));
+  }
+}
+
+std::vector<Agent::InFlight> Agent::requestsInFlight() {
+  const auto now = std::chrono::steady_clock::now();
+  auto age = [now](std::chrono::steady_clock::time_point t) {
+    return std::chrono::duration<double>(now - t).count();
+  };
+  std::vector<InFlight> out;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    for (const auto& [id, p] : pending_) out.push_back({true, id, p.peer, p.what, "waiting", age(p.sentAt)});
+  }
+  std::lock_guard<std::mutex> g(servingMu_);
+  for (const auto& [key, e] : serving_) {
+    const char* state = e.state == Serving::kQueued ? "queued" : e.state == Serving::kRunning ? "running" : "cancelled";
+    out.push_back({false, key.id, key.peer, e.what, state, age(e.since)});
+  }
+  return out;
+}
+
+std::vector<Agent::PeerState> Agent::peerStates() {
+  std::vector<PeerState> out;
+  const int64_t now = std::chrono::steady_clock::now().time_since_epoch().count();
+  std::lock_guard<std::mutex> g(connMu_);
+  for (const auto& w : workers_) {
+    if (w.id == self_.id) continue;
+    PeerState p{w.id, "idle", "", "", -1.0};
+    auto conn = outgoing_.find(w.id);
+    if (conn != outgoing_.end()) {
+      p.state = "connected";
+      p.transport = conn->second->transportName();
+      p.lastHeardSeconds = conn->second->secondsSinceHeard();
+    }
+    if (connecting_.count(w.id)) p.state = "connecting";
+    if (left_.count(w.id)) p.state = "left";
+    auto lost = lost_.find(w.id);
+    if (lost != lost_.end()) {
+      p.state = "lost";
+      p.why = lost->second;
+    }
+    const Traffic* t = traffic(w.id);
+    if (p.lastHeardSeconds < 0 && t && t->lastReceivedNs.load(std::memory_order_relaxed) > 0) {
+      p.lastHeardSeconds = (now - t->lastReceivedNs.load(std::memory_order_relaxed)) / 1e9;  // on its connection to us
+    }
+    out.push_back(std::move(p));
+  }
+  return out;
+}
+
+void Agent::settled(const Pending& p, const ErrorKind* error) {
+  if (!p.stats) return;  // metrics off
+  p.stats->latency.observe(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - p.sentAt).count());
+  if (error) {
+    p.stats->errors.fetch_add(1, std::memory_order_relaxed);
+    metrics_.error(*error);
   }
 }
 
@@ -820,6 +960,7 @@ void Agent::failPending(const std::function<bool(const Pending&)>& which, ErrorK
     if (pending_.empty()) idleCv_.notify_all();
   }
   for (auto& p : failed) {
+    settled(p, &kind);
     p.future->setErrorIfNeeded(
         std::make_exception_ptr(RpcError(kind, "torchrpc: " + describe(p) + " failed: " + why)));
   }
@@ -827,6 +968,7 @@ void Agent::failPending(const std::function<bool(const Pending&)>& which, ErrorK
 
 void Agent::onClosed(const std::shared_ptr<Connection>& conn, CloseReason reason, const std::string& why) {
   const int64_t peer = conn->peerId();
+  if (reason == CloseReason::kSilent) metrics_.peerSilent();
   bool outgoing = false;
   bool newlyLost = false;
   {
@@ -897,6 +1039,8 @@ bool Agent::cancel(const FuturePtr& future) {
     }
   }
   if (id < 0) return false;  // answered, failed or timed out already
+  const ErrorKind cancelled = ErrorKind::kCancelled;
+  settled(p, &cancelled);
   p.future->setErrorIfNeeded(std::make_exception_ptr(
       RpcError(ErrorKind::kCancelled, "torchrpc: call to " + describe(p) + " was cancelled")));
   try {
@@ -957,6 +1101,8 @@ void Agent::timeoutLoop() {
     pending_.erase(it);
     if (pending_.empty()) idleCv_.notify_all();
     g.unlock();
+    const ErrorKind timedOut = ErrorKind::kTimeout;
+    settled(p, &timedOut);
     p.future->setErrorIfNeeded(std::make_exception_ptr(
         RpcError(ErrorKind::kTimeout, "torchrpc: call to " + describe(p) + " timed out after " +
                                           c10::str(p.timeoutSeconds) + " s")));
@@ -967,6 +1113,7 @@ void Agent::timeoutLoop() {
 
 void Agent::waitForReply(const FuturePtr& future, int64_t to) {
   if (future->completed()) return;
+  ProfilerRange range("torchrpc::wait", "");
   std::shared_ptr<Connection> conn;
   {
     std::lock_guard<std::mutex> g(connMu_);

@@ -26,6 +26,8 @@
 
 #include "agent/code_cache.h"
 #include "agent/function_registry.h"
+#include "agent/metrics.h"
+#include "agent/remote_profiling.h"
 #include "agent/param_store.h"
 #include "autograd/dist_autograd.h"
 #include "messages/control.h"
@@ -53,6 +55,7 @@ struct AgentOptions {
   bool pythonUdf = false;           // run PYTHON_CALLs from peers
   bool acceptCode = false;          // load code shipped by value (WITH_CODE)
   size_t codeCacheSize = 64;        // shipped code kept loaded, least recently used out
+  bool metrics = true;              // count calls and time them (Metrics)
   // The job's credentials, handshake, liveness and size limits, common to
   // every transport (selfName and credentials.selfId are filled in by the
   // agent).
@@ -125,6 +128,18 @@ class Agent {
     return isCodeId(name) ? code_->find(name) : registry_.find(name);
   }
   CodeCache& codeCache() { return *code_; }
+  Metrics& metrics() { return metrics_; }
+  // Calls sent while a profiler is on travel as RUN_WITH_PROFILING_REQ.
+  void setProfileRemote(bool on) { profileRemote_.store(on); }
+  bool profileRemote() const { return profileRemote_.load(); }
+  // The profiles responses brought back since the last take.
+  std::vector<RemoteProfile> takeRemoteProfiles() {
+    std::lock_guard<std::mutex> g(profilesMu_);
+    std::vector<RemoteProfile> out(std::make_move_iterator(profiles_.begin()),
+                                   std::make_move_iterator(profiles_.end()));
+    profiles_.clear();
+    return out;
+  }
   // Waits for `future`, the reply to a request sent to `to`: for up to
   // kSyncSpinNs it reads the connection itself where the transport allows
   // (Connection::poll), else spins, then sleeps until completion.
@@ -180,7 +195,25 @@ class Agent {
   // peer, requests and responses alike.
   struct Traffic {
     std::atomic<uint64_t> messagesSent{0}, bytesSent{0}, messagesReceived{0}, bytesReceived{0};
+    std::atomic<int64_t> lastReceivedNs{0};  // steady clock; heartbeats count
   };
+  // Requests this worker waits on (outgoing) and serves (incoming), with
+  // their age in seconds: what a stuck worker is waiting for.
+  struct InFlight {
+    bool outgoing;
+    int64_t id, peer;
+    std::string what, state;  // state: waiting | queued | running | cancelled
+    double ageSeconds;
+  };
+  std::vector<InFlight> requestsInFlight();
+  // Each peer's connection as this worker sees it.
+  struct PeerState {
+    int64_t peer;
+    std::string state;  // idle (never dialed) | connecting | connected | left | lost
+    std::string transport, why;
+    double lastHeardSeconds;  // since its last message (heartbeats included); -1: never
+  };
+  std::vector<PeerState> peerStates();
   const Traffic* traffic(int64_t peer) const {
     return peer >= 0 && static_cast<size_t>(peer) < trafficSize_.load(std::memory_order_acquire)
                ? &traffic_[peer] : nullptr;
@@ -202,7 +235,13 @@ class Agent {
     std::string what;
     std::multimap<std::chrono::steady_clock::time_point, int64_t>::iterator deadline;
     double timeoutSeconds;  // 0: none
+    std::string codeId;     // of the code a WITH_CODE request carried
+    CallStats* stats = nullptr;  // this function with this peer (metrics_)
+    std::chrono::steady_clock::time_point sentAt;
+    int64_t profiledSentNs = 0;  // wall clock, for a RUN_WITH_PROFILING_REQ
   };
+  // Records how a pending request ended: its latency, and its error if any.
+  void settled(const Pending& p, const ErrorKind* error);
 
   void onMessage(const std::shared_ptr<Connection>& conn, Message&& message);
   void onClosed(const std::shared_ptr<Connection>& conn, CloseReason reason, const std::string& why);
@@ -212,7 +251,8 @@ class Agent {
   // Sends CANCEL for our request `id` if a connection to `peer` is open.
   void sendCancel(int64_t peer, int64_t id);
   void completeResponse(Message&& response);
-  void serveRequest(const std::shared_ptr<Connection>& conn, Message&& request);
+  void serveRequest(const std::shared_ptr<Connection>& conn, Message&& request,
+                    std::chrono::steady_clock::time_point received);
   // Whether `request` may be served on the transport thread that received
   // it (a short, non-blocking script call; see Callable::mayRunInline).
   bool mayServeInline(const Message& request);
@@ -240,6 +280,10 @@ class Agent {
   std::vector<WorkerInfo> workers_;
   FunctionRegistry registry_;
   std::unique_ptr<CodeCache> code_;
+  Metrics metrics_;
+  std::atomic<bool> profileRemote_{false};
+  std::mutex profilesMu_;
+  std::deque<RemoteProfile> profiles_;  // bounded by kMaxProfiles
   CodeLedger ledger_;
   std::unique_ptr<Traffic[]> traffic_;
   std::atomic<size_t> trafficSize_{0};
@@ -280,7 +324,12 @@ class Agent {
   // True if the request was cancelled meanwhile (its reply is dropped).
   bool finishServing(const PeerMessage& key);
   std::mutex servingMu_;
-  std::unordered_map<PeerMessage, Serving, PeerMessageHash> serving_;
+  struct ServingEntry {
+    Serving state;
+    std::chrono::steady_clock::time_point since;  // arrival
+    std::string what;                             // set when it starts running
+  };
+  std::unordered_map<PeerMessage, ServingEntry, PeerMessageHash> serving_;
   std::unordered_set<PeerMessage, PeerMessageHash> recent_;
   std::deque<PeerMessage> recentOrder_;
 

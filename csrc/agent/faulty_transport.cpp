@@ -67,6 +67,7 @@ class FaultyConnection : public Connection {
     return inner_->pollUntil(done, until);
   }
   const char* transportName() const override { return inner_->transportName(); }
+  double secondsSinceHeard() const override { return inner_->secondsSinceHeard(); }
   std::vector<std::pair<std::string, int64_t>> stats() const override { return inner_->stats(); }
   const std::shared_ptr<Connection>& inner() const { return inner_; }
 
@@ -90,6 +91,7 @@ class FaultyTransport : public Transport {
       }
       outer_.onClosed(w, r, why);
     };
+    inner.onRejected = outer_.onRejected;
     inner_ = makeInner(options, std::move(inner));
     delayer_ = std::thread([this] { delayLoop(); });
   }

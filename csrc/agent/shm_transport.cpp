@@ -223,6 +223,9 @@ class ShmTransport::ShmConnection : public Connection, public std::enable_shared
   }
 
   const char* transportName() const override { return "shm"; }
+  double secondsSinceHeard() const override {
+    return std::chrono::duration<double>(Clock::now() - lastRecv_.load()).count();
+  }
 
   std::vector<std::pair<std::string, int64_t>> stats() const override {
     std::lock_guard<std::mutex> g(sendMu_);
@@ -703,6 +706,7 @@ void ShmTransport::onAccepted(int fd, const std::shared_ptr<std::atomic<bool>>& 
     sendWithFd(fd, &yes, 1, -1);
     ok = true;
   } catch (const RpcError& e) {
+    if (!stopped_ && callbacks_.onRejected) callbacks_.onRejected();
     if (e.kind() == ErrorKind::kAuth && !stopped_) std::fprintf(stderr, "%s\n", e.what());
   }
   {

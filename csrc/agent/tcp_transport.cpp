@@ -132,6 +132,9 @@ size_t writeSome(int fd, std::vector<iovec> iov, size_t done, int& err) {
 class TcpTransport::TcpConnection : public Connection {
  public:
   const char* transportName() const override { return "tcp"; }
+  double secondsSinceHeard() const override {
+    return std::chrono::duration<double>(Clock::now() - lastRecv_.load()).count();
+  }
   enum class State { kHello, kProof, kOpen };
 
   TcpConnection(TcpTransport& transport, int fd, State state)
@@ -220,7 +223,7 @@ class TcpTransport::TcpConnection : public Connection {
   uint64_t reserved_ = 0;
   bool paused_ = false;
   std::atomic<bool> finished_{false};
-  Clock::time_point lastRecv_;
+  std::atomic<Clock::time_point> lastRecv_;  // read by debug_info on other threads
   std::atomic<int64_t> lastSendNs_;
   std::atomic<bool> closed_{false};
 
@@ -422,6 +425,7 @@ void TcpTransport::onReadable(const std::shared_ptr<TcpConnection>& conn) {
 }
 
 void TcpTransport::warnRejected(const TcpConnection& conn, const std::string& why) {
+  if (callbacks_.onRejected) callbacks_.onRejected();
   // A flood of strangers must not flood the log: at most one line a second.
   auto now = Clock::now();
   if (now - lastAuthWarning_ < std::chrono::seconds(1)) {
@@ -599,7 +603,7 @@ void TcpTransport::tick() {
       }
       continue;
     }
-    if (!stalled && now - c->lastRecv_ > seconds(options_.peerTimeout)) {
+    if (!stalled && now - c->lastRecv_.load() > seconds(options_.peerTimeout)) {
       finish(c, CloseReason::kSilent,
              "worker " + std::to_string(c->peerId()) + " sent nothing for " + c10::str(options_.peerTimeout) +
                  " s (peer_timeout): it froze, died or the network failed");

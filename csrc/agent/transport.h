@@ -50,6 +50,8 @@ class Connection {
   virtual const char* transportName() const = 0;
   // Transport-specific counters for debug_info (shm: its tensor pool).
   virtual std::vector<std::pair<std::string, int64_t>> stats() const { return {}; }
+  // Seconds since anything (a heartbeat included) arrived on it.
+  virtual double secondsSinceHeard() const = 0;
 
  protected:
   int64_t peerId_ = -1;
@@ -72,6 +74,9 @@ struct TransportCallbacks {
   // An authenticated connection ended; called once, after which no more
   // messages arrive on it.
   std::function<void(const std::shared_ptr<Connection>&, CloseReason, const std::string& why)> onClosed;
+  // A connection failed the handshake (a stranger, a wrong secret, a
+  // handshake never finished); for metrics. May be unset.
+  std::function<void()> onRejected;
 };
 
 // What every transport shares; each has its own options beside these

@@ -130,6 +130,17 @@ size_t AutogradContexts::size() {
   return contexts_.size();
 }
 
+std::vector<std::pair<int64_t, std::vector<int64_t>>> AutogradContexts::list() {
+  std::vector<AutogradContextPtr> all;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    for (const auto& [id, c] : contexts_) all.push_back(c);
+  }
+  std::vector<std::pair<int64_t, std::vector<int64_t>>> out;
+  for (const auto& c : all) out.emplace_back(c->id(), c->knownWorkers());
+  return out;
+}
+
 void AutogradContexts::clear() {
   std::unordered_map<int64_t, AutogradContextPtr> dropped;
   {

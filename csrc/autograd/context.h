@@ -80,6 +80,8 @@ class AutogradContexts {
   // Removes and returns the context (null if it was not here).
   AutogradContextPtr erase(int64_t id);
   size_t size();
+  // Each context's id and the workers it exchanged messages with.
+  std::vector<std::pair<int64_t, std::vector<int64_t>>> list();
   void clear();
   // A new autograd message id, unique across workers.
   int64_t newMessageId() { return (workerId_ << 48) | nextMessageId_.fetch_add(1); }

@@ -15,6 +15,7 @@ bool DistAutograd::carriesContext(MessageType type) {
     case MessageType::kPythonRemoteCall:
     case MessageType::kScriptRRefFetchCall:
     case MessageType::kPythonRRefFetchCall:
+    case MessageType::kWithCode:  // a call carrying its code
       return true;
     default:
       return false;

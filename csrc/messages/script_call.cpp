@@ -6,7 +6,7 @@
 namespace torchrpc {
 
 std::optional<std::string> ScriptCall::peekName(const Message& m) {
-  if (m.type != MessageType::kScriptCall) return std::nullopt;
+  if (m.type != MessageType::kScriptCall && m.type != MessageType::kScriptRemoteCall) return std::nullopt;
   try {
     Reader r(m.payload.data(), m.payload.size());
     if (r.u32() < 1) return std::nullopt;

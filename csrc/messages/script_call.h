@@ -18,7 +18,7 @@ class ScriptCall : public RpcCommand {
   std::vector<c10::IValue> fields() && override;
   static std::unique_ptr<ScriptCall> fromMessage(const Message& m, const ObjectCodec* objects = nullptr);
   static std::unique_ptr<ScriptCall> fromFields(std::vector<c10::IValue>&& f);
-  // The function a SCRIPT_CALL message names, read without decoding the rest
+  // The function a SCRIPT_CALL (or SCRIPT_REMOTE_CALL) message names, read without decoding the rest
   // (the receiving thread decides from it where to run the call); nullopt if
   // it is not a well-formed SCRIPT_CALL.
   static std::optional<std::string> peekName(const Message& m);

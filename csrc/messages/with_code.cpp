@@ -42,6 +42,17 @@ Message wrapWithCode(const ShippedCode& code, Message&& inner) {
   return m;
 }
 
+std::string shippedCodeId(const Message& m) {
+  try {
+    Reader r(m.payload.data(), m.payload.size());
+    if (m.type != MessageType::kWithCode || r.u32() != kFields) return "";
+    c10::IValue id = decodeIValue(r, m.tensors, nullptr);
+    return id.isString() ? id.toStringRef() : "";
+  } catch (const std::exception&) {
+    return "";
+  }
+}
+
 Message unwrapCode(Message&& outer, ShippedCode& code) {
   if (outer.type != MessageType::kWithCode) throwDecode("expected a WITH_CODE message");
   Reader r(outer.payload.data(), outer.payload.size());

@@ -36,6 +36,10 @@ class WithCode : public RpcCommand {
 // `inner` (a SCRIPT_CALL or SCRIPT_REMOTE_CALL) with `code` attached.
 Message wrapWithCode(const ShippedCode& code, Message&& inner);
 
+// The code id a WITH_CODE message names, read without decoding the rest;
+// empty if malformed.
+std::string shippedCodeId(const Message& m);
+
 // The inverse: fills `code` and returns the inner call. Throws
 // RpcError(kDecode) if `outer` is malformed or wraps anything but a call.
 // Reads the archive's bytes no further than taking its tensor.

@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 
 #include "agent/current_agent.h"
+#include "agent/remote_profiling.h"
 #include "agent/shm_transport.h"
 #include "agent/tcp_transport.h"
 #include "messages/control.h"
@@ -51,6 +52,9 @@ py::object finish(Agent& agent, const FuturePtr& fut, bool sync) {
     fut->wait();
   }
   if (fut->hasError()) std::rethrow_exception(fut->exception_ptr());
+  // The reply was decoded where it arrived (a transport thread, or here
+  // when this thread read it); its conversion for Python is recorded here.
+  ProfilerRange range("torchrpc::receive", "");
   return torch::jit::toPyObject(fut->value());
 }
 
@@ -335,6 +339,58 @@ void installPythonResolver(Agent& agent) {
   });
 }
 
+py::dict histogramDict(const Histogram::Snapshot& h) {
+  py::list buckets;  // (upper bound in seconds, cumulative count), Prometheus style
+  uint64_t cumulative = 0;
+  const auto& bounds = Histogram::boundsNs();
+  for (size_t i = 0; i < Histogram::kBuckets; ++i) {
+    cumulative += h.counts[i];
+    buckets.append(py::make_tuple(bounds[i] / 1e9, cumulative));
+  }
+  py::dict d;
+  d["buckets"] = buckets;
+  d["count"] = h.count;
+  d["sum_seconds"] = h.sumNs / 1e9;
+  return d;
+}
+
+py::list callRows(const std::vector<Metrics::CallRow>& rows) {
+  py::list out;
+  for (const auto& r : rows) {
+    py::dict d;
+    d["function"] = r.function;
+    d["peer"] = r.peer;
+    d["calls"] = r.calls;
+    d["errors"] = r.errors;
+    d["latency"] = histogramDict(r.latency);
+    out.append(d);
+  }
+  return out;
+}
+
+// The agent's counters and histograms; torchrpc.metrics() names peers and
+// adds what lives elsewhere (bytes, RRefs, autograd contexts).
+py::dict metricsDict(Agent& agent) {
+  Metrics::Snapshot m;
+  {
+    py::gil_scoped_release release;
+    m = agent.metrics().snapshot();
+  }
+  static const char* kinds[Metrics::kErrorKinds] = {"rpc",       "decode",    "timeout", "remote",
+                                                    "peer_lost", "shutdown",  "argument", "not_found",
+                                                    "forbidden", "auth",      "cancelled", "code_refused"};
+  py::dict errors;
+  for (size_t i = 0; i < Metrics::kErrorKinds; ++i) errors[kinds[i]] = m.errors[i];
+  py::dict out;
+  out["calls_sent"] = callRows(m.sent);
+  out["calls_served"] = callRows(m.served);
+  out["errors"] = errors;
+  out["queue_wait"] = histogramDict(m.queueWait);
+  out["handshake_failures"] = m.handshakeFailures;
+  out["heartbeats_missed"] = m.heartbeatsMissed;
+  return out;
+}
+
 }  // namespace
 
 void initAutogradBindings(py::module_& m);
@@ -354,6 +410,7 @@ void initAgentBindings(py::module_& m) {
              o.pythonUdf = get("python_udf").cast<bool>();
              o.acceptCode = get("accept_code").cast<bool>();
              o.codeCacheSize = get("code_cache_size").cast<size_t>();
+             o.metrics = get("metrics").cast<bool>();
              o.faults = get("faults").cast<std::string>();
              t.credentials.secret = get("secret").cast<std::string>();
              t.credentials.jobId = get("job_id").cast<std::string>();
@@ -495,10 +552,53 @@ void initAgentBindings(py::module_& m) {
           traffic[py::int_(w.id)] = d;
         }
         out["traffic"] = traffic;
+        py::dict peers;  // by peer id
+        for (const auto& p : agent.peerStates()) {
+          peers[py::int_(p.peer)] = py::dict(py::arg("state") = p.state, py::arg("transport") = p.transport,
+                                             py::arg("why") = p.why, py::arg("last_heard_s") = p.lastHeardSeconds);
+        }
+        out["peers"] = peers;
+        py::list requests;
+        for (const auto& r : agent.requestsInFlight()) {
+          requests.append(py::dict(py::arg("direction") = r.outgoing ? "out" : "in", py::arg("id") = r.id,
+                                   py::arg("peer") = r.peer, py::arg("function") = r.what,
+                                   py::arg("state") = r.state, py::arg("age_s") = r.ageSeconds));
+        }
+        out["requests"] = requests;
+        auto gid = [](const GloballyUniqueId& id) { return py::make_tuple(id.createdOn, id.localId); };
+        py::list owned;
+        for (const auto& o : agent.rrefs().ownedTable()) {
+          py::list forks;
+          for (const auto& [fork, holder] : o.forks) forks.append(py::make_tuple(gid(fork), holder));
+          owned.append(py::dict(py::arg("rref") = gid(o.id), py::arg("forks") = forks,
+                                py::arg("creating") = o.creating));
+        }
+        py::list unconfirmed;
+        for (const auto& u : agent.rrefs().unconfirmedTable()) {
+          unconfirmed.append(py::dict(py::arg("fork") = gid(u.fork), py::arg("rref") = gid(u.id),
+                                      py::arg("owner") = u.owner));
+        }
+        out["rref_tables"] = py::dict(py::arg("owned") = owned, py::arg("unconfirmed_users") = unconfirmed);
+        py::list contexts;
+        for (const auto& [id, workers] : agent.autograd().contexts().list()) {
+          contexts.append(py::dict(py::arg("context_id") = id, py::arg("workers") = workers));
+        }
+        out["autograd"] = contexts;
         out["code_cache"] = py::dict(py::arg("entries") = agent.codeCache().size(),
                                      py::arg("loads") = agent.codeCache().loads());
         return out;
       })
+      .def("metrics", &metricsDict)
+      .def("set_profile_remote", &Agent::setProfileRemote)
+      .def("profile_remote", &Agent::profileRemote)
+      .def("take_remote_profiles",
+           [](Agent& agent) {
+             py::list out;
+             for (auto& p : agent.takeRemoteProfiles()) {
+               out.append(py::make_tuple(p.what, p.peer, p.sentNs, p.receivedNs, p.events));
+             }
+             return out;
+           })
       .def("cancel", [](Agent& agent, const std::shared_ptr<PythonFutureWrapper>& fut) {
              py::gil_scoped_release release;
              return agent.cancel(fut->fut);

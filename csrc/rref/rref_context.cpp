@@ -423,4 +423,21 @@ RRefDebugInfo RRefContext::debugInfo() {
           static_cast<int64_t>(unconfirmed_.size()), liveUsers_.load()};
 }
 
+std::vector<RRefContext::OwnedRow> RRefContext::ownedTable() {
+  std::lock_guard<std::mutex> g(mu_);
+  std::vector<OwnedRow> rows;
+  rows.reserve(owners_.size());
+  for (const auto& [id, e] : owners_) {
+    rows.push_back({id, {e.forks.begin(), e.forks.end()}, e.creating});
+  }
+  return rows;
+}
+
+std::vector<RRefContext::UserRow> RRefContext::unconfirmedTable() {
+  std::lock_guard<std::mutex> g(mu_);
+  std::vector<UserRow> rows;
+  for (const auto& [fork, u] : unconfirmed_) rows.push_back({fork, u.id, u.ownerId});
+  return rows;
+}
+
 }  // namespace torchrpc

@@ -126,6 +126,19 @@ class RRefContext : public std::enable_shared_from_this<RRefContext> {
   c10::intrusive_ptr<c10::ivalue::Future> fetch(const RRefPtr& rref, double timeoutSeconds);
 
   RRefDebugInfo debugInfo();
+  // The tables themselves, for torchrpc.debug_info() and inspect.
+  struct OwnedRow {
+    RRefId id;
+    std::vector<std::pair<ForkId, int64_t>> forks;  // fork, worker holding it (-1: unknown)
+    int64_t creating;
+  };
+  struct UserRow {
+    ForkId fork;
+    RRefId id;
+    int64_t owner;
+  };
+  std::vector<OwnedRow> ownedTable();
+  std::vector<UserRow> unconfirmedTable();
   // Drops every owned value and held fork (at shutdown).
   void clear();
 

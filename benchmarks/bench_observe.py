@@ -1,0 +1,118 @@
+"""What seeing inside costs: the small-call rpc_sync p50 with metrics off,
+with metrics on (the default), under torch.profiler, and with remote
+profiling, in one run of two processes.
+
+    python benchmarks/bench_observe.py           # 4 rounds of 3,000 calls per mode
+    python benchmarks/bench_observe.py --quick
+
+Metrics can only be switched at init_rpc, so each round starts RPC twice
+(metrics off, then on) and the rounds alternate, which evens out drift on a
+shared machine. Every figure is a median; the table gives each mode's ratio
+to "metrics off" from the same run. Results: benchmarks/results/observe.json.
+"""
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(HERE, "results", "observe.json")
+MODES = ("metrics off", "metrics on", "torch.profiler", "remote profiling")
+
+
+@torch.jit.script
+def small(x: torch.Tensor) -> torch.Tensor:
+    return x + 1
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _p50(iters):
+    import torchrpc
+
+    x = torch.ones(4)
+    for _ in range(200):
+        torchrpc.rpc_sync("w1", small, (x,))
+    took = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        torchrpc.rpc_sync("w1", small, (x,))
+        took.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(took)
+
+
+def _round(rank, port, metrics, iters, results):
+    import torchrpc
+
+    torchrpc.init_rpc(f"w{rank}", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}",
+                      options=torchrpc.RpcOptions(metrics=metrics))
+    if rank == 0:
+        if not metrics:
+            results["metrics off"].append(_p50(iters))
+        else:
+            results["metrics on"].append(_p50(iters))
+            with torch.profiler.profile():
+                results["torch.profiler"].append(_p50(iters))
+            with torchrpc.profile():
+                results["remote profiling"].append(_p50(iters))
+    torchrpc.shutdown()
+
+
+def _worker(rank, ports, rounds, iters, queue):
+    try:
+        torch.set_num_threads(1)
+        results = {m: [] for m in MODES}
+        for r in range(rounds):
+            _round(rank, ports[2 * r], False, iters, results)
+            _round(rank, ports[2 * r + 1], True, iters, results)
+        queue.put((rank, "ok", results))
+    except BaseException as e:  # noqa: B036
+        import traceback
+
+        queue.put((rank, "error", f"{e}\n{traceback.format_exc()}"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=OUT)
+    a = p.parse_args(argv)
+    rounds, iters = (2, 1000) if a.quick else (4, 3000)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    ports = [_free_port() for _ in range(2 * rounds)]
+    procs = [ctx.Process(target=_worker, args=(r, ports, rounds, iters, queue)) for r in (0, 1)]
+    for proc in procs:
+        proc.start()
+    outcome = dict((rank, (status, value)) for rank, status, value in (queue.get(timeout=900) for _ in procs))
+    for proc in procs:
+        proc.join(timeout=30)
+    for rank, (status, value) in outcome.items():
+        if status != "ok":
+            print(f"w{rank} failed:\n{value}", file=sys.stderr)
+            return 1
+    runs = outcome[0][1]
+    medians = {m: statistics.median(v) for m, v in runs.items()}
+    base = medians["metrics off"]
+    print(f"\n{'mode':20}{'p50 us':>10}{'x off':>8}   per round")
+    for m in MODES:
+        print(f"{m:20}{medians[m]:10.1f}{medians[m] / base:8.3f}   {[round(v, 1) for v in runs[m]]}")
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump({"rounds": runs, "medians": medians}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
