@@ -22,9 +22,7 @@ machine is shared. Results go to benchmarks/results/compiled.json.
 
 import argparse
 import json
-import multiprocessing as mp
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -32,6 +30,9 @@ import time
 import warnings
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import pair  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "results", "compiled.json")
@@ -64,12 +65,6 @@ def eager_forward(x):
         _EAGER = MLP().eval()
     with torch.no_grad():
         return _EAGER(x)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _latencies(call, warmup, iters):
@@ -156,15 +151,10 @@ def _tensorpipe_phase(rank, port, cfg):
     return results
 
 
-def _worker(rank, ports, package, cfg, queue):
-    try:
-        results = _torchrpc_phase(rank, ports[0], package, cfg)
-        results.update(_tensorpipe_phase(rank, ports[1], cfg))
-        queue.put((rank, "ok", results))
-    except BaseException as e:  # noqa: B036
-        import traceback
-
-        queue.put((rank, "error", f"{e}\n{traceback.format_exc()}"))
+def _body(rank, ports, package, cfg):
+    results = _torchrpc_phase(rank, ports[0], package, cfg)
+    results.update(_tensorpipe_phase(rank, ports[1], cfg))
+    return results
 
 
 def compile_package(folder):
@@ -198,23 +188,9 @@ def main(argv=None):
     cfg.warmup, cfg.iters = (20, 200) if cfg.quick else (100, 2000)
     with tempfile.TemporaryDirectory() as folder:
         package = compile_package(folder)
-        ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
-        ports = [_free_port(), _free_port()]
-        procs = [ctx.Process(target=_worker, args=(r, ports, package, cfg, queue)) for r in (0, 1)]
-        for proc in procs:
-            proc.start()
-        outcome = {}
-        for _ in procs:
-            rank, status, value = queue.get(timeout=600)
-            outcome[rank] = (status, value)
-        for proc in procs:
-            proc.join(timeout=30)
-    for rank, (status, value) in outcome.items():
-        if status != "ok":
-            print(f"w{rank} failed:\n{value}", file=sys.stderr)
-            return 1
-    results = outcome[0][1]
+        results = pair.run(_body, ([pair.free_port(), pair.free_port()], package, cfg), timeout=600)
+    if results is None:
+        return 1
     print_report(results)
     os.makedirs(os.path.dirname(cfg.out), exist_ok=True)
     with open(cfg.out, "w") as f:

@@ -13,14 +13,15 @@ to "metrics off" from the same run. Results: benchmarks/results/observe.json.
 
 import argparse
 import json
-import multiprocessing as mp
 import os
-import socket
 import statistics
 import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import pair  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "results", "observe.json")
@@ -30,12 +31,6 @@ MODES = ("metrics off", "metrics on", "torch.profiler", "remote profiling")
 @torch.jit.script
 def small(x: torch.Tensor) -> torch.Tensor:
     return x + 1
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _p50(iters):
@@ -69,18 +64,13 @@ def _round(rank, port, metrics, iters, results):
     torchrpc.shutdown()
 
 
-def _worker(rank, ports, rounds, iters, queue):
-    try:
-        torch.set_num_threads(1)
-        results = {m: [] for m in MODES}
-        for r in range(rounds):
-            _round(rank, ports[2 * r], False, iters, results)
-            _round(rank, ports[2 * r + 1], True, iters, results)
-        queue.put((rank, "ok", results))
-    except BaseException as e:  # noqa: B036
-        import traceback
-
-        queue.put((rank, "error", f"{e}\n{traceback.format_exc()}"))
+def _body(rank, ports, rounds, iters):
+    torch.set_num_threads(1)
+    results = {m: [] for m in MODES}
+    for r in range(rounds):
+        _round(rank, ports[2 * r], False, iters, results)
+        _round(rank, ports[2 * r + 1], True, iters, results)
+    return results
 
 
 def main(argv=None):
@@ -89,20 +79,9 @@ def main(argv=None):
     p.add_argument("--out", default=OUT)
     a = p.parse_args(argv)
     rounds, iters = (2, 1000) if a.quick else (4, 3000)
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    ports = [_free_port() for _ in range(2 * rounds)]
-    procs = [ctx.Process(target=_worker, args=(r, ports, rounds, iters, queue)) for r in (0, 1)]
-    for proc in procs:
-        proc.start()
-    outcome = dict((rank, (status, value)) for rank, status, value in (queue.get(timeout=900) for _ in procs))
-    for proc in procs:
-        proc.join(timeout=30)
-    for rank, (status, value) in outcome.items():
-        if status != "ok":
-            print(f"w{rank} failed:\n{value}", file=sys.stderr)
-            return 1
-    runs = outcome[0][1]
+    runs = pair.run(_body, ([pair.free_port() for _ in range(2 * rounds)], rounds, iters), timeout=900)
+    if runs is None:
+        return 1
     medians = {m: statistics.median(v) for m, v in runs.items()}
     base = medians["metrics off"]
     print(f"\n{'mode':20}{'p50 us':>10}{'x off':>8}   per round")

@@ -14,7 +14,8 @@ def test_public_names():
             "RpcError", "DecodeError", "RpcTimeoutError", "RemoteError", "PeerLostError",
             "RpcShutdownError", "ArgumentError", "FunctionNotFoundError",
             "PythonCallDisabledError", "InvalidWorkerError", "AuthenticationError",
-            "RpcCancelledError", "CodeRefusedError", "cancel",
+            "RpcCancelledError", "CodeRefusedError", "cancel", "metrics", "metrics_text",
+            "metrics_port", "profile", "profile_remote", "remote_events", "add_remote_events",
         ]
     )
     for name in torchrpc.__all__:

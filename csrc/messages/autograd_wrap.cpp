@@ -48,12 +48,7 @@ Message unwrapAutograd(Message&& outer, AutogradHeader& header) {
     throwDecode("autograd message wraps type " + std::to_string(type));
   }
   header = {f[0].toInt(), f[1].toInt(), f[2].toInt()};
-  Message inner;
-  inner.type = static_cast<MessageType>(type);
-  inner.id = outer.id;
-  inner.payload = outer.payload.substr(r.offset());
-  inner.tensors = std::move(outer.tensors);
-  return inner;
+  return wrappedMessage(std::move(outer), static_cast<MessageType>(type), r.offset());
 }
 
 }  // namespace torchrpc

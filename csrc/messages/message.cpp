@@ -156,6 +156,15 @@ std::vector<c10::IValue> decodeFields(const Message& message, MessageType expect
   return f;
 }
 
+Message wrappedMessage(Message&& outer, MessageType type, size_t offset) {
+  Message inner;
+  inner.type = type;
+  inner.id = outer.id;
+  inner.payload = outer.payload.substr(offset);
+  inner.tensors = std::move(outer.tensors);
+  return inner;
+}
+
 c10::IValue wrapCommand(std::unique_ptr<RpcCommand> command) {
   auto type = static_cast<int64_t>(command->type());
   auto fields = std::move(*command).fields();

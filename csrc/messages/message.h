@@ -63,6 +63,12 @@ std::unique_ptr<RpcCommand> commandFromMessage(const Message& message, const Obj
 // Builds a command from fields already checked against its spec.
 std::unique_ptr<RpcCommand> commandFromFields(MessageType type, std::vector<c10::IValue>&& fields);
 
+// For wrappers that splice an encoded message into their payload (autograd,
+// profiling, shipped code): the message wrapped in `outer`, of type `type`,
+// whose payload starts at `offset` of outer's. It keeps outer's id and all
+// of outer's tensors (their indices are absolute within a message).
+Message wrappedMessage(Message&& outer, MessageType type, size_t offset);
+
 // A wrapped command (autograd, profiling) travels as the tuple (type, fields).
 c10::IValue wrapCommand(std::unique_ptr<RpcCommand> command);
 std::unique_ptr<RpcCommand> unwrapCommand(const c10::IValue& wrapped);

@@ -47,12 +47,7 @@ Message unwrapProfiling(Message&& outer, std::string& data, GloballyUniqueId& ke
   }
   data = d.toStringRef();
   key = GloballyUniqueId::fromIValue(k);
-  Message inner;
-  inner.type = static_cast<MessageType>(type);
-  inner.id = outer.id;
-  inner.payload = outer.payload.substr(r.offset());
-  inner.tensors = std::move(outer.tensors);
-  return inner;
+  return wrappedMessage(std::move(outer), static_cast<MessageType>(type), r.offset());
 }
 
 }  // namespace torchrpc

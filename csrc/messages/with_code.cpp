@@ -66,13 +66,7 @@ Message unwrapCode(Message&& outer, ShippedCode& code) {
   int64_t type = decodeWrappedHead(r);
   if (!isCall(type)) throwDecode("WITH_CODE wraps type " + std::to_string(type) + ", not a script call");
   code = ShippedCode{id.toStringRef(), kind.toStringRef(), archive.toTensor()};
-  Message inner;
-  inner.type = static_cast<MessageType>(type);
-  inner.id = outer.id;
-  inner.payload = outer.payload.substr(r.offset());
-  // The archive stays in the list, unused by the inner payload's indices.
-  inner.tensors = std::move(outer.tensors);
-  return inner;
+  return wrappedMessage(std::move(outer), static_cast<MessageType>(type), r.offset());
 }
 
 }  // namespace torchrpc
