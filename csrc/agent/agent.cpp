@@ -504,6 +504,10 @@ void Agent::serveRequest(const std::shared_ptr<Connection>& conn, Message&& requ
   if (options_.metrics) {
     metrics_.queueWait(std::chrono::duration_cast<std::chrono::nanoseconds>(started - received).count());
   }
+  // What it runs, for metrics and inspect: the function a call names, else
+  // the message type (looked at again below if the request is wrapped).
+  std::string what = servedName(request);
+  const MessageType arrivedAs = request.type;
   {
     std::lock_guard<std::mutex> g(servingMu_);
     auto it = serving_.find(PeerMessage{conn->serial(), peer, id});
@@ -513,6 +517,7 @@ void Agent::serveRequest(const std::shared_ptr<Connection>& conn, Message&& requ
         return;
       }
       it->second.state = Serving::kRunning;
+      it->second.what = what;
     }
   }
   std::optional<AutogradHeader> autograd;
@@ -542,15 +547,16 @@ void Agent::serveRequest(const std::shared_ptr<Connection>& conn, Message&& requ
   } catch (...) {
     response = describeCurrentException().toMessage();
   }
-  // What it runs, for metrics: the function a call names, else the message type.
-  CallStats* stats = nullptr;
-  if (options_.metrics) {
-    const std::string what = servedName(request);
-    stats = &metrics_.served(what, peer);
-    stats->calls.fetch_add(1, std::memory_order_relaxed);
+  if (request.type != arrivedAs) {  // unwrapped: name the call inside
+    what = servedName(request);
     std::lock_guard<std::mutex> g(servingMu_);
     auto it = serving_.find(PeerMessage{conn->serial(), peer, id});
     if (it != serving_.end()) it->second.what = what;
+  }
+  CallStats* stats = nullptr;
+  if (options_.metrics) {
+    stats = &metrics_.served(what, peer);
+    stats->calls.fetch_add(1, std::memory_order_relaxed);
   }
   // The response goes back wrapped when the request came wrapped; may be
   // called later, from another thread (async replies).
