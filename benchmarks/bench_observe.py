@@ -5,9 +5,9 @@ profiling, in one run of two processes.
     python benchmarks/bench_observe.py           # 4 rounds of 3,000 calls per mode
     python benchmarks/bench_observe.py --quick
 
-Metrics can only be switched at init_rpc, so each round starts RPC twice
-(metrics off, then on) and the rounds alternate, which evens out drift on a
-shared machine. Every figure is a median; the table gives each mode's ratio
+Metrics can only be switched at init_rpc, so each round starts RPC twice,
+metrics off then on, or on then off in every other round, which evens out
+drift and warm-up on a shared machine. Every figure is a median; the table gives each mode's ratio
 to "metrics off" from the same run. Results: benchmarks/results/observe.json.
 """
 
@@ -68,8 +68,9 @@ def _body(rank, ports, rounds, iters):
     torch.set_num_threads(1)
     results = {m: [] for m in MODES}
     for r in range(rounds):
-        _round(rank, ports[2 * r], False, iters, results)
-        _round(rank, ports[2 * r + 1], True, iters, results)
+        order = (False, True) if r % 2 == 0 else (True, False)  # neither always goes first
+        for i, metrics in enumerate(order):
+            _round(rank, ports[2 * r + i], metrics, iters, results)
     return results
 
 
