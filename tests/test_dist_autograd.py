@@ -325,6 +325,10 @@ def stranger_body(rank):
             "cleanup_unknown_context": messages.CleanupAutogradContextReq(id=2, context_id=999),
             "rref_backward_unknown": messages.RRefBackwardReq(
                 id=3, rref_id=(0, 77), context_id=5, retain_graph=False),
+            "cleanup_then_late_request": messages.CleanupAutogradContextReq(id=5, context_id=777),
+            "late_request": messages.ForwardAutogradReq(
+                id=6, from_worker_id=1, context_id=777, message_id=1, device_map={},
+                wrapped=messages.ScriptCall(qualified_name="aten::add", args=(1, 2), is_async=False)),
             "forward_wrapping_forward": messages.ForwardAutogradReq(
                 id=4, from_worker_id=1, context_id=3, message_id=1, device_map={},
                 wrapped=messages.ForwardAutogradReq(
@@ -354,4 +358,7 @@ def test_autograd_messages_from_a_stranger_get_clear_errors():
     assert replies["cleanup_unknown_context"][0] == "CLEANUP_AUTOGRAD_CONTEXT_RESP"
     assert replies["rref_backward_unknown"][0] == "EXCEPTION"
     assert replies["forward_wrapping_forward"][0] == "EXCEPTION"
+    # A request for a context released here does not bring it back.
+    assert replies["late_request"][0] == "EXCEPTION"
+    assert "already released" in replies["late_request"][1]
     assert "wraps type" in replies["forward_wrapping_forward"][1]

@@ -508,17 +508,21 @@ void Agent::serveRequest(const std::shared_ptr<Connection>& conn, Message&& requ
   // the message type (looked at again below if the request is wrapped).
   std::string what = servedName(request);
   const MessageType arrivedAs = request.type;
+  bool cancelled = false;
   {
     std::lock_guard<std::mutex> g(servingMu_);
     auto it = serving_.find(PeerMessage{conn->serial(), peer, id});
     if (it != serving_.end()) {
-      if (it->second.state == Serving::kCancelled) {
-        serving_.erase(it);  // the caller gave up before it started: never run
-        return;
-      }
+      cancelled = it->second.state == Serving::kCancelled;
       it->second.state = Serving::kRunning;
       it->second.what = what;
     }
+  }
+  if (cancelled) {
+    // The caller gave up before it started: never run, and remembered as
+    // finished so that a late duplicate does not run it either.
+    finishServing({conn->serial(), peer, id});
+    return;
   }
   std::optional<AutogradHeader> autograd;
   std::optional<Message> response;

@@ -111,6 +111,10 @@ AutogradContextPtr AutogradContexts::get(int64_t id) {
 
 AutogradContextPtr AutogradContexts::getOrCreate(int64_t id) {
   std::lock_guard<std::mutex> g(mu_);
+  if (released_.count(id)) {
+    throw RpcError(ErrorKind::kRpc, "torchrpc: autograd context " + std::to_string(id) +
+                                        " was already released on this worker: the request came too late");
+  }
   auto& slot = contexts_[id];
   if (!slot) slot = std::make_shared<AutogradContext>(id);
   return slot;
@@ -118,6 +122,15 @@ AutogradContextPtr AutogradContexts::getOrCreate(int64_t id) {
 
 AutogradContextPtr AutogradContexts::erase(int64_t id) {
   std::lock_guard<std::mutex> g(mu_);
+  // Remembered even if it never existed here: the cleanup may overtake a
+  // request of the same context on its way to this worker.
+  if (released_.insert(id).second) {
+    releasedOrder_.push_back(id);
+    if (releasedOrder_.size() > kRememberedReleases) {
+      released_.erase(releasedOrder_.front());
+      releasedOrder_.pop_front();
+    }
+  }
   auto it = contexts_.find(id);
   if (it == contexts_.end()) return nullptr;
   auto ctx = std::move(it->second);

@@ -22,6 +22,7 @@
 #include <atomic>
 #include <memory>
 #include <mutex>
+#include <deque>
 #include <unordered_map>
 #include <unordered_set>
 #include <vector>
@@ -76,6 +77,7 @@ class AutogradContexts {
   AutogradContextPtr find(int64_t id);
   // Throws RpcError naming the context if it does not exist here.
   AutogradContextPtr get(int64_t id);
+  // Throws RpcError if `id` was released here already.
   AutogradContextPtr getOrCreate(int64_t id);
   // Removes and returns the context (null if it was not here).
   AutogradContextPtr erase(int64_t id);
@@ -96,6 +98,12 @@ class AutogradContexts {
   std::atomic<int64_t> nextMessageId_{1};
   std::mutex mu_;
   std::unordered_map<int64_t, AutogradContextPtr> contexts_;
+  // Contexts released here, remembered (the newest kRememberedReleases) so
+  // that a request arriving late for one does not create it again, which
+  // nothing would ever release.
+  static constexpr size_t kRememberedReleases = 4096;
+  std::unordered_set<int64_t> released_;
+  std::deque<int64_t> releasedOrder_;
 };
 
 // Makes `id` current on this thread for a scope (a request served within a
