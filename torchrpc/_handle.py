@@ -24,6 +24,7 @@ class _State:
         self.options = options
         self.remote_schemas: Dict[tuple, Any] = {}
         self.self_info = None  # this worker's WorkerInfo
+        self.servers = []  # metrics HTTP and inspect servers, closed by shutdown
 
 
 _state: Optional[_State] = None  # set and cleared by torchrpc.api

@@ -297,7 +297,6 @@ def _start(name, rank, world_size, host, port, options):
     state.accept_code = [w["accept_code"] for w in infos]
     state.self_info = state.workers[rank]
     _handle._state = state
-    state.servers = []
     if options.metrics_port is not None:
         state.servers.append(observe.MetricsServer(options.metrics_host, options.metrics_port))
     if options.inspect:
@@ -312,8 +311,7 @@ def _inspect_snapshot() -> dict:
 
 def metrics_port() -> Optional[int]:
     """The port the metrics HTTP server listens on (RpcOptions.metrics_port), or None."""
-    servers = getattr(_current(), "servers", [])
-    return next((s.port for s in servers if isinstance(s, observe.MetricsServer)), None)
+    return next((s.port for s in _current().servers if isinstance(s, observe.MetricsServer)), None)
 
 
 def shutdown(graceful: bool = True, timeout: Optional[float] = None,
@@ -367,7 +365,7 @@ def shutdown(graceful: bool = True, timeout: Optional[float] = None,
         lost = {r: why for r, why in agent.lost_peers().items() if r in missing}
         with _lock:
             _handle._state = None
-        for server in getattr(state, "servers", []):
+        for server in state.servers:
             server.close()
         _C.set_current_agent(None)
         agent.shutdown()
@@ -529,8 +527,8 @@ _script_targets: Dict[torch.jit.ScriptFunction, tuple] = {}
 
 
 def _script_target(state, dst, func):
-    """("script", name, schema, code) or ("builtin", op name, None, None);
-    None for Python callables. `code` is the (id, kind, archive) of code
+    """("script", name, schema, shipped) or ("builtin", op name, None, None);
+    None for Python callables. `shipped` is the compiled.Shipped form of code
     shipped by value, else None."""
     if isinstance(func, torch.jit.ScriptFunction):
         target = _script_targets.get(func)
@@ -555,7 +553,7 @@ def _script_target(state, dst, func):
 
 def _shipped_target(func):
     shipped = compiled.shipped(func)
-    return "script", shipped.id, shipped.schema, shipped.code
+    return "script", shipped.id, shipped.schema, shipped
 
 
 def _callee_has(state, dst, name) -> bool:
@@ -574,10 +572,8 @@ def _prepare(to, func, args, kwargs, timeout):
     args = tuple(args) if args is not None else ()
     kwargs = dict(kwargs) if kwargs is not None else {}
     target = _script_target(state, dst, func)
-    if target is not None and target[3] is not None:
-        check = compiled.shipped(func).check
-        if check is not None and not kwargs:
-            check(args)  # an exported program's input spec, before anything is sent
+    if target is not None and target[3] is not None and target[3].check is not None and not kwargs:
+        target[3].check(args)  # an exported program's input spec, before anything is sent
     if target is not None and not all(type(a) in _PLAIN for a in args):
         args = _unwrap(args)
     if target is not None and kwargs:
@@ -627,10 +623,10 @@ def _send(prepared, func, sync: bool):
     state, dst, args, kwargs, t, target = prepared
     agent = state.agent
     if target is not None:
-        kind, name, schema, code = target
+        kind, name, schema, shipped = target
         out = None if sync else _CallFuture()
         if kind == "script":
-            result = agent.script_call(dst, name, schema, args, kwargs, t, sync, out, code)
+            result = agent.script_call(dst, name, schema, args, kwargs, t, sync, out, shipped and shipped.code)
         else:
             result = agent.builtin_call(dst, name, args, kwargs, t, sync, out)
         if not sync:
@@ -669,9 +665,9 @@ def remote(to, func, args=None, kwargs=None, timeout: Optional[float] = None) ->
 def _remote(state, dst, func, args, kwargs, t, target) -> RRef:
     agent = state.agent
     if target is not None:
-        kind, name, schema, code = target
+        kind, name, schema, shipped = target
         if kind == "script":
-            obj = agent.remote_script(dst, name, schema, args, kwargs, t, code)
+            obj = agent.remote_script(dst, name, schema, args, kwargs, t, shipped and shipped.code)
         else:
             obj = agent.remote_builtin(dst, name, args, kwargs, t)
         return RRef(_script_object=obj)

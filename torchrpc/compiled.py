@@ -57,11 +57,6 @@ _shipped: "weakref.WeakKeyDictionary[Any, Shipped]" = weakref.WeakKeyDictionary(
 _shipped_lock = threading.Lock()
 
 
-def is_shippable(obj) -> bool:
-    return isinstance(obj, (torch.jit.ScriptFunction, torch.jit.ScriptModule,
-                            torch.export.ExportedProgram))
-
-
 def shipped(obj) -> Shipped:
     """The Shipped form of a ScriptFunction, ScriptModule or ExportedProgram."""
     with _shipped_lock:
@@ -288,9 +283,8 @@ def aoti_callable(path: str, name: str, model_name: str = "model", num_runners: 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"torchrpc: no AOTInductor package at {path!r}")
-    metadata_loader = torch._C._aoti.AOTIModelPackageLoader(path, model_name, False, 1, -1)
-    in_text, out_text = metadata_loader.get_call_spec()
-    del metadata_loader
+    package = _C.load_aoti_package(path, model_name, int(num_runners))
+    in_text, out_text = package.call_spec()
     in_spec = pytree.treespec_loads(in_text)
     out_spec = pytree.treespec_loads(out_text)
     args_spec, kwargs_spec = in_spec.children_specs
@@ -301,7 +295,7 @@ def aoti_callable(path: str, name: str, model_name: str = "model", num_runners: 
     names = [f"arg{i}" for i in range(len(args_spec.children_specs))] + list(kwargs_spec.context)
     returns, plan = structure_type(out_spec, ["Tensor"] * out_spec.num_leaves)
     schema = f"{name}({', '.join('Tensor ' + n for n in names)}) -> {returns}"
-    return _C.aoti_callable(path, model_name, schema, plan, int(num_runners))
+    return package.callable(schema, plan)
 
 
 # -- loading shipped code --------------------------------------------------------

@@ -1,7 +1,5 @@
 #include "agent/aoti_callable.h"
 
-#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
-
 #include "errors.h"
 
 namespace torchrpc {
@@ -70,22 +68,23 @@ class Rebuild {
 
 }  // namespace
 
-std::shared_ptr<Callable> aotiCallable(const std::string& packagePath, const std::string& modelName,
-                                       c10::FunctionSchema schema, const std::string& outputPlan,
-                                       size_t numRunners) {
+std::shared_ptr<AotiLoader> loadAotiPackage(const std::string& packagePath, const std::string& modelName,
+                                            size_t numRunners) {
+  try {
+    return std::make_shared<AotiLoader>(packagePath, modelName, false, std::max<size_t>(1, numRunners));
+  } catch (const std::exception& e) {
+    throw RpcError(ErrorKind::kArgument,
+                   "torchrpc: cannot load AOTInductor package '" + packagePath + "': " + e.what());
+  }
+}
+
+std::shared_ptr<Callable> aotiCallable(std::shared_ptr<AotiLoader> loader, c10::FunctionSchema schema,
+                                       const std::string& outputPlan) {
   for (const auto& arg : schema.arguments()) {
     if (arg.type()->kind() != c10::TypeKind::TensorType) {
       throw RpcError(ErrorKind::kArgument, "torchrpc: an AOTInductor package takes tensors only; '" +
                                                arg.name() + "' is " + arg.type()->annotation_str());
     }
-  }
-  std::shared_ptr<torch::inductor::AOTIModelPackageLoader> loader;
-  try {
-    loader = std::make_shared<torch::inductor::AOTIModelPackageLoader>(packagePath, modelName, false,
-                                                                       std::max<size_t>(1, numRunners));
-  } catch (const std::exception& e) {
-    throw RpcError(ErrorKind::kArgument,
-                   "torchrpc: cannot load AOTInductor package '" + packagePath + "': " + e.what());
   }
   const size_t outputs = Rebuild::leaves(outputPlan);
   auto run = [loader, outputPlan, outputs, name = schema.name()](std::vector<c10::IValue>& stack) {

@@ -63,15 +63,17 @@ std::shared_ptr<Callable> pythonCallable(const std::string& schemaText, py::func
 void initCompiledBindings(py::module_& m) {
   py::class_<Callable, std::shared_ptr<Callable>>(m, "Callable", "A function a worker can serve by name.")
       .def_property_readonly("schema", [](const Callable& c) { return toString(c.schema()); });
-  m.def(
-      "aoti_callable",
-      [](const std::string& path, const std::string& modelName, const std::string& schema, const std::string& plan,
-         size_t numRunners) {
-        py::gil_scoped_release release;
-        return aotiCallable(path, modelName, torch::jit::parseSchema(schema), plan, numRunners);
-      },
-      py::arg("path"), py::arg("model_name"), py::arg("schema"), py::arg("output_plan"), py::arg("num_runners"),
-      "An AOTInductor package as a Callable run in C++ (see agent/aoti_callable.h).");
+  py::class_<AotiLoader, std::shared_ptr<AotiLoader>>(m, "AotiPackage", "A loaded AOTInductor package.")
+      .def("call_spec", &AotiLoader::get_call_spec, "[input spec, output spec] as serialized pytree specs")
+      .def(
+          "callable",
+          [](std::shared_ptr<AotiLoader> self, const std::string& schema, const std::string& plan) {
+            return aotiCallable(std::move(self), torch::jit::parseSchema(schema), plan);
+          },
+          py::arg("schema"), py::arg("output_plan"),
+          "The package as a Callable run in C++ (see agent/aoti_callable.h).");
+  m.def("load_aoti_package", &loadAotiPackage, py::arg("path"), py::arg("model_name"), py::arg("num_runners"),
+        py::call_guard<py::gil_scoped_release>(), "Loads an AOTInductor package (.pt2) once.");
   m.def("python_callable", &pythonCallable, py::arg("schema"), py::arg("fn"),
         "`fn` as a Callable with `schema`; each call takes the GIL.");
   m.def(
