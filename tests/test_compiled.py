@@ -85,12 +85,25 @@ def ship_async_and_remote(to):
 
 
 def call_refused(to):
+    """What a worker without accept_code answers to shipped code: a module
+    (refused by the callee) and a function it never imported (refused here,
+    whether called by rpc_sync, rpc_async or remote)."""
     sc = _shipped_code()
-    try:
-        torchrpc.rpc_sync(to, sc.scripted_module(), (torch.randn(2, 8),))
-    except torchrpc.CodeRefusedError as e:
-        return str(e)
-    return None
+    x = torch.randn(2, 8)
+    calls = [
+        lambda: torchrpc.rpc_sync(to, sc.scripted_module(), (x,)),
+        lambda: torchrpc.rpc_sync(to, sc.scale_add, (x, 2.0)),
+        lambda: torchrpc.rpc_async(to, sc.scale_add, (x, 2.0)).wait(),
+        lambda: torchrpc.remote(to, sc.scale_add, (x, 2.0)).to_here(),
+    ]
+    refused = []
+    for call in calls:
+        try:
+            call()
+            refused.append(None)
+        except torchrpc.CodeRefusedError as e:
+            refused.append(str(e))
+    return refused
 
 
 def code_cache_state():
@@ -113,8 +126,11 @@ def test_code_shipped_by_value_carries_the_archive_once():
         imported, cache = world.do(1, code_cache_state)
         assert not imported, "the callee imported the shipped module"
         assert cache["entries"] == 3 and cache["loads"] == 3, cache
-        refused = world.do(0, call_refused, "w2")
-        assert refused and "accept_code" in refused and "nothing was loaded" in refused
+        module, *function = world.do(0, call_refused, "w2")
+        assert module and "accept_code" in module and "nothing was loaded" in module
+        for refused in function:
+            assert refused and "RpcOptions(accept_code=True)" in refused, function
+            assert "'w2'" in refused and "scale_add" in refused, refused
         assert world.do(2, code_cache_state)[1]["loads"] == 0
 
 

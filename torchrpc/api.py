@@ -20,6 +20,7 @@ from torchrpc._handle import _State, _current, _timeout
 from torchrpc.compat import BackendType, RpcBackendOptions, TensorPipeRpcBackendOptions
 from torchrpc.rref import RRef, _unwrap, _wrap
 from torchrpc.errors import (
+    CodeRefusedError,
     FunctionNotFoundError,
     InvalidWorkerError,
     RpcError,
@@ -535,10 +536,17 @@ def _script_target(state, dst, func):
         if target is None:
             target = _script_targets[func] = ("script", func.qualified_name, func.schema, None)
         # Called by name where the callee has it (it imported the function);
-        # shipped where it does not and accepts code.
-        if state.accept_code[dst] and not _callee_has(state, dst, target[1]):
+        # shipped where it does not and accepts code; refused here, before
+        # anything is sent, where it does neither.
+        if _callee_has(state, dst, target[1]):
+            return target
+        if state.accept_code[dst]:
             return _shipped_target(func)
-        return target
+        raise CodeRefusedError(
+            f"torchrpc: worker {state.workers[dst].name!r} has no function {target[1]!r} "
+            f"and does not accept shipped code: start it with RpcOptions(accept_code=True) "
+            f"to send the function by value, or register it there; nothing was sent"
+        )
     if isinstance(func, str):
         if "::" in func:
             return "builtin", func.split(".")[0], None, None
@@ -557,10 +565,15 @@ def _shipped_target(func):
 
 
 def _callee_has(state, dst, name) -> bool:
+    """Whether worker `dst` serves `name`: asked once, then remembered. A
+    "no" is remembered only where the code is shipped instead (the callee
+    might register the function later)."""
     key = (dst, name)
     has = state.callee_has.get(key)
     if has is None:
-        has = state.callee_has[key] = bool(state.agent.query_schema(dst, name, -1.0))
+        has = bool(state.agent.query_schema(dst, name, -1.0))
+        if has or state.accept_code[dst]:
+            state.callee_has[key] = has
     return has
 
 
