@@ -455,7 +455,21 @@ void Agent::onMessage(const std::shared_ptr<Connection>& conn, Message&& message
 }
 
 bool Agent::mayServeInline(const Message& request) {
-  if (request.type != MessageType::kScriptCall || !workersSet_.load(std::memory_order_relaxed)) return false;
+  if (!workersSet_.load(std::memory_order_relaxed)) return false;
+  if (request.type == MessageType::kSchemaQuery) {
+    // A caller asks before its first call of a function: answered at once
+    // where the name is known here, never queued behind calls that hold every
+    // worker thread (a name not known yet goes to the resolver, which takes
+    // the GIL, on a worker thread).
+    try {
+      auto query = SchemaQuery::fromMessage(request);
+      const auto& name = query->value();
+      return (isCodeId(name) ? code_->find(name) : registry_.findKnown(name)) != nullptr;
+    } catch (const std::exception&) {
+      return false;  // malformed: the worker thread answers with the error
+    }
+  }
+  if (request.type != MessageType::kScriptCall) return false;
   uint64_t bytes = request.payload.size();
   for (const auto& t : request.tensors) bytes += t.nbytes();
   if (bytes > kInlineRequestBytes) return false;  // a large input may take long
