@@ -1,4 +1,4 @@
-"""Seeing inside: remote events in torch.profiler traces, metrics (dict,
+"""Seeing inside: remote events in the profiler's tables and traces, metrics (dict,
 Prometheus text, HTTP), structured debug_info and python -m torchrpc.inspect."""
 
 import json
@@ -7,8 +7,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 
+import pytest
 import torch
+from conftest import TRANSPORTS
 from worlds import World
 
 import scripted_ops
@@ -37,22 +40,132 @@ def ready():
     return True
 
 
-def profiled_calls(path):
-    x = torch.randn(16, 16)
-    with torchrpc.profile() as prof:
-        a = torchrpc.rpc_sync("w1", traced_work, (x,))
-        b = torchrpc.rpc_async("w2", python_work, (x,)).wait()
-    prof.export_chrome_trace(path)
-    return torch.allclose(a, torch.mm(x, x) + 1) and torch.allclose(b, torch.sigmoid(x) * 2)
+REMOTE_OP = "#remote_op: "
 
 
-def test_profiled_run_has_remote_events_on_each_workers_track(tmp_path):
-    path = str(tmp_path / "trace.json")
-    with World(3, options=[{}, {}, {"python_udf": True}]) as world:
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def profiled_world(request):
+    """w0 calls; w1 serves script and builtin calls, w2 Python ones. Shared by
+    the profiling tests of one transport."""
+    with World(3, options=[{}, {}, {"python_udf": True}], transport=request.param) as world:
         world.do(1, ready)
         world.do(2, ready)
-        assert world.do(0, profiled_calls, path, timeout=120)
-    trace = json.load(open(path))
+        yield world
+
+
+def profiled_work():
+    """Calls of every kind and form, each once; checks their results."""
+    x = torch.randn(16, 16)
+    a = torchrpc.rpc_sync("w1", traced_work, (x,))
+    b = torchrpc.rpc_async("w2", python_work, (x,))
+    c = torchrpc.rpc_async("w1", torch.add, (x, x))
+    torch.futures.wait_all([b, c])
+    d = torchrpc.remote("w1", torch.mul, (x, x)).to_here()
+    assert torch.allclose(a, torch.mm(x, x) + 1) and torch.allclose(b.wait(), torch.sigmoid(x) * 2)
+    assert torch.equal(c.wait(), x + x) and torch.equal(d, x * x)
+
+
+def _tables(events, averages) -> dict:
+    """What the tests check of a profile, in plain values."""
+    remote = [e for e in events if REMOTE_OP in e.name]
+    ranges = {}
+    for e in events:
+        if e.name.startswith(("rpc_sync#", "rpc_async#")) and REMOTE_OP not in e.name:
+            ranges.setdefault(e.name, []).append(e.time_range)
+    outside = []  # remote events of sync and async calls outside their call's range
+    for e in remote:
+        call = e.name.split(REMOTE_OP)[0]
+        if call.startswith("rpc_remote#"):
+            continue  # remote() returns before the owner runs the call
+        # 1 ms of slack: the two clocks are read through different APIs.
+        if not any(r.start - 1000 <= e.time_range.start and e.time_range.end <= r.end + 1000
+                   for r in ranges.get(call, [])):
+            outside.append(e.name)
+    return {
+        "rows": {a.key: (a.node_id, a.is_remote, a.count) for a in averages if REMOTE_OP in a.key},
+        "events": sorted((e.name, e.node_id, e.is_remote) for e in remote),
+        "parents": {e.name: e.cpu_parent.name if e.cpu_parent else None for e in remote},
+        "outside": outside,
+        "table": averages.table(max_name_column_width=200, row_limit=1000),
+    }
+
+
+def profile_each_way(trace_path):
+    """The same calls under each profiler remote events should reach."""
+    out = {}
+    with torchrpc.profile() as prof:
+        profiled_work()
+    prof.export_chrome_trace(trace_path)
+    out["torchrpc.profile"] = _tables(prof.events(), prof.key_averages())
+
+    torchrpc.profile_remote(True)
+    try:
+        with torch.profiler.profile() as prof:
+            profiled_work()
+        out["torch.profiler.profile"] = _tables(prof.events(), prof.key_averages())
+        with torch.autograd.profiler.profile() as prof:
+            profiled_work()
+        out["torch.autograd.profiler.profile"] = _tables(prof.function_events, prof.key_averages())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch's own deprecation of it
+            with torch.autograd.profiler_legacy.profile() as prof:
+                profiled_work()
+        out["torch.autograd.profiler_legacy.profile"] = _tables(prof.function_events,
+                                                                prof.key_averages())
+    finally:
+        torchrpc.profile_remote(False)
+    with torch.profiler.profile() as prof:  # remote profiling off: the caller's events only
+        profiled_work()
+    out["remote profiling off"] = _tables(prof.events(), prof.key_averages())
+    return out
+
+
+@pytest.fixture(scope="module")
+def profiled_tables(profiled_world, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("trace") / "trace.json")
+    return profiled_world.do(0, profile_each_way, path, timeout=120), path
+
+
+def _expected_remote_ops():
+    """The callee operators torch names '<call range>#remote_op: <operator>',
+    with the callee's rank."""
+    script = f"rpc_sync#{traced_work.qualified_name}(w0 -> w1)"
+    return {
+        f"{script}{REMOTE_OP}aten::mm": 1,
+        f"{script}{REMOTE_OP}script_inner_range": 1,
+        f"rpc_async#python_work(w0 -> w2){REMOTE_OP}aten::sigmoid": 2,
+        f"rpc_async#python_work(w0 -> w2){REMOTE_OP}python_inner_range": 2,
+        f"rpc_async#aten::add(w0 -> w1){REMOTE_OP}aten::add": 1,
+        f"rpc_remote#aten::mul(w0 -> w1){REMOTE_OP}aten::mul": 1,
+    }
+
+
+@pytest.mark.parametrize("how", ["torchrpc.profile", "torch.profiler.profile",
+                                 "torch.autograd.profiler.profile",
+                                 "torch.autograd.profiler_legacy.profile"])
+def test_remote_events_are_in_the_profilers_tables(profiled_tables, how):
+    tables = profiled_tables[0][how]
+    for name, node in _expected_remote_ops().items():
+        # Once each: a call's events are in its own profile only, and once.
+        assert tables["rows"].get(name) == (node, True, 1), (name, sorted(tables["rows"]))
+        assert tables["events"].count((name, node, True)) == 1, name
+        assert name in tables["table"], tables["table"]
+    assert "Node ID" in tables["table"]
+    assert not tables["outside"], tables["outside"]
+    # The callee's nesting is kept: its operators sit in the functions and
+    # ranges that ran them there.
+    script = f"rpc_sync#{traced_work.qualified_name}(w0 -> w1){REMOTE_OP}"
+    assert tables["parents"][f"{script}aten::mm"] == f"{script}script_inner_range"
+    udf = f"rpc_async#python_work(w0 -> w2){REMOTE_OP}"
+    assert tables["parents"][f"{udf}aten::sigmoid"] == f"{udf}python_inner_range"
+
+
+def test_without_remote_profiling_the_tables_hold_the_callers_events_only(profiled_tables):
+    assert profiled_tables[0]["remote profiling off"]["rows"] == {}
+
+
+def test_profiled_run_has_remote_events_on_each_workers_track(profiled_tables):
+    trace = json.load(open(profiled_tables[1]))
     events = trace["traceEvents"]
     tracks = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     by_name = {}
@@ -66,6 +179,9 @@ def test_profiled_run_has_remote_events_on_each_workers_track(tmp_path):
     assert track_of("script_inner_range") == {"torchrpc worker w1 (remote)"}, track_of("script_inner_range")
     assert track_of("python_inner_range") == {"torchrpc worker w2 (remote)"}, track_of("python_inner_range")
     assert "torchrpc worker w1 (remote)" in track_of("aten::mm")
+    # Once: not also among the caller's own events under the tables' names.
+    assert not [n for n in by_name if REMOTE_OP in n]
+    assert len(by_name["script_inner_range"]) == 1
     # Each remote event lies within its call's range on the caller
     # (1 ms of slack: the two clocks are read through different APIs).
     sync_call = [e for e in events if e.get("name", "").startswith("rpc_sync#") and "(w0 -> w1)" in e["name"]]

@@ -619,10 +619,7 @@ def _invoke(to, func, args, kwargs, timeout, sync: bool):
     if sync:
         with profiling.call_range("rpc_sync", label, state, dst):
             return _send(prepared, func, sync)
-    end = profiling.async_range(label, state, dst)
-    fut = _send(prepared, func, sync)
-    fut.add_done_callback(end)
-    return fut
+    return profiling.async_call(label, state, dst, lambda: _send(prepared, func, sync))
 
 
 def _label(func, target) -> str:

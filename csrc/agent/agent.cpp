@@ -241,7 +241,10 @@ FuturePtr Agent::send(int64_t to, Message&& request, double timeoutSeconds, cons
       p.stats = &metrics_.sent(what, to);
       p.stats->calls.fetch_add(1, std::memory_order_relaxed);
     }
-    if (profiled) p.profiledSentNs = wallNs();
+    if (profiled) {
+      p.profiledSentNs = wallNs();
+      p.profiledThread = at::RecordFunction::currentThreadId();
+    }
     if (timeoutSeconds > 0) {
       auto when = std::chrono::steady_clock::now() +
                   std::chrono::duration_cast<std::chrono::steady_clock::duration>(
@@ -547,6 +550,10 @@ void Agent::serveRequest(const std::shared_ptr<Connection>& conn, Message&& requ
     int64_t receivedNs;
     std::mutex mu;
     std::vector<EventCollector::Event> events;
+    // While the synchronous part runs, a response given meanwhile (remote()'s
+    // owner answers from inside the call) waits here for its events.
+    bool running = false;
+    std::optional<Message> early;
   };
   std::shared_ptr<Profiled> profiled;
   try {
@@ -579,6 +586,13 @@ void Agent::serveRequest(const std::shared_ptr<Connection>& conn, Message&& requ
   // The response goes back wrapped when the request came wrapped; may be
   // called later, from another thread (async replies).
   Responder respond = [this, conn, id, peer, autograd, stats, started, profiled](Message&& response) {
+    if (profiled) {
+      std::lock_guard<std::mutex> g(profiled->mu);
+      if (profiled->running) {
+        profiled->early = std::move(response);
+        return;
+      }
+    }
     if (stats) {
       stats->latency.observe(
           std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - started).count());
@@ -612,7 +626,11 @@ void Agent::serveRequest(const std::shared_ptr<Connection>& conn, Message&& requ
     // Nested calls made by this request belong to its autograd context.
     CurrentContextGuard context(autograd ? autograd->contextId : -1);
     std::optional<EventCollector> collector;
-    if (profiled) collector.emplace();
+    if (profiled) {
+      collector.emplace();
+      std::lock_guard<std::mutex> g(profiled->mu);
+      profiled->running = true;
+    }
     try {
       response = runRequest(request, conn->peerId(), respond);
     } catch (...) {
@@ -621,8 +639,14 @@ void Agent::serveRequest(const std::shared_ptr<Connection>& conn, Message&& requ
     if (collector) {
       auto events = collector->take();
       collector.reset();
-      std::lock_guard<std::mutex> g(profiled->mu);
-      profiled->events = std::move(events);
+      std::optional<Message> early;
+      {
+        std::lock_guard<std::mutex> g(profiled->mu);
+        profiled->events = std::move(events);
+        profiled->running = false;
+        early = std::move(profiled->early);
+      }
+      if (early) respond(std::move(*early));
     }
   }
   if (response) respond(std::move(*response));
@@ -848,7 +872,7 @@ void Agent::completeResponse(Message&& response) {
       response = unwrapProfiling(std::move(response), events, key);
       std::lock_guard<std::mutex> g(profilesMu_);
       if (profiles_.size() >= kMaxProfiles) profiles_.pop_front();
-      profiles_.push_back({p.what, p.peer, p.profiledSentNs, wallNs(), std::move(events)});
+      profiles_.push_back({p.what, p.peer, p.profiledSentNs, wallNs(), p.profiledThread, std::move(events)});
     }
     if (response.type == MessageType::kForwardAutogradResp) {
       AutogradHeader header;

@@ -239,6 +239,7 @@ class Agent {
     CallStats* stats = nullptr;  // this function with this peer (metrics_)
     std::chrono::steady_clock::time_point sentAt;
     int64_t profiledSentNs = 0;  // wall clock, for a RUN_WITH_PROFILING_REQ
+    uint64_t profiledThread = 0;  // the sending thread, whose profiler range the events belong to
   };
   // Records how a pending request ended: its latency, and its error if any.
   void settled(const Pending& p, const ErrorKind* error);

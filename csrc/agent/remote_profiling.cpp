@@ -20,7 +20,7 @@ std::unique_ptr<at::ObserverContext> onStart(const at::RecordFunction&) {
 
 void onEnd(const at::RecordFunction& fn, at::ObserverContext* ctx) {
   if (!tlsEvents || !ctx) return;
-  tlsEvents->push_back({fn.name(), static_cast<Started*>(ctx)->ns, wallNs()});
+  tlsEvents->push_back({fn.name(), static_cast<Started*>(ctx)->ns, wallNs(), at::RecordFunction::currentThreadId()});
 }
 
 void appendJsonString(std::string& out, const std::string& s) {
@@ -67,7 +67,8 @@ std::string profileJson(const std::string& worker, int64_t receivedNs, int64_t s
     if (i) out += ", ";
     out += '[';
     appendJsonString(out, events[i].name);
-    out += ", " + std::to_string(events[i].startNs) + ", " + std::to_string(events[i].endNs) + ']';
+    out += ", " + std::to_string(events[i].startNs) + ", " + std::to_string(events[i].endNs) + ", " +
+           std::to_string(events[i].thread) + ']';
   }
   out += "]}";
   return out;

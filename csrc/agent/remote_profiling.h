@@ -38,7 +38,8 @@ struct RemoteProfile {
   std::string what;  // the call
   int64_t peer;
   int64_t sentNs, receivedNs;  // this worker's clock: request sent, response received
-  std::string events;          // the callee's JSON (EventCollector::json)
+  uint64_t thread;             // the sending thread (RecordFunction's id, as profilers name threads)
+  std::string events;          // the callee's JSON (profileJson)
 };
 
 // Records the events of the current thread while alive (a thread-local
@@ -53,6 +54,7 @@ class EventCollector {
   struct Event {
     std::string name;
     int64_t startNs, endNs;
+    uint64_t thread;  // RecordFunction's id: the caller's profiler keeps each thread's nesting apart
   };
   // The events so far (and no more after this).
   std::vector<Event> take() { return std::move(events_); }
@@ -64,7 +66,7 @@ class EventCollector {
 };
 
 // What a RUN_WITH_PROFILING_RESP carries: {"worker": ..., "received_ns": ...,
-// "sent_ns": ..., "events": [[name, start_ns, end_ns], ...]}.
+// "sent_ns": ..., "events": [[name, start_ns, end_ns, thread], ...]}.
 std::string profileJson(const std::string& worker, int64_t receivedNs, int64_t sentNs,
                         const std::vector<EventCollector::Event>& events);
 

@@ -596,7 +596,7 @@ void initAgentBindings(py::module_& m) {
            [](Agent& agent) {
              py::list out;
              for (auto& p : agent.takeRemoteProfiles()) {
-               out.append(py::make_tuple(p.what, p.peer, p.sentNs, p.receivedNs, p.events));
+               out.append(py::make_tuple(p.what, p.peer, p.sentNs, p.receivedNs, p.thread, p.events));
              }
              return out;
            })
