@@ -43,16 +43,6 @@ def ready():
 REMOTE_OP = "#remote_op: "
 
 
-@pytest.fixture(scope="module", params=TRANSPORTS)
-def profiled_world(request):
-    """w0 calls; w1 serves script and builtin calls, w2 Python ones. Shared by
-    the profiling tests of one transport."""
-    with World(3, options=[{}, {}, {"python_udf": True}], transport=request.param) as world:
-        world.do(1, ready)
-        world.do(2, ready)
-        yield world
-
-
 def profiled_work():
     """Calls of every kind and form, each once; checks their results."""
     x = torch.randn(16, 16)
@@ -120,10 +110,16 @@ def profile_each_way(trace_path):
     return out
 
 
-@pytest.fixture(scope="module")
-def profiled_tables(profiled_world, tmp_path_factory):
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def profiled_tables(request, tmp_path_factory):
+    """What profile_each_way saw on w0 calling w1 (script and builtin calls)
+    and w2 (Python ones), and its Chrome trace: one world per transport,
+    closed before the checks."""
     path = str(tmp_path_factory.mktemp("trace") / "trace.json")
-    return profiled_world.do(0, profile_each_way, path, timeout=120), path
+    with World(3, options=[{}, {}, {"python_udf": True}], transport=request.param) as world:
+        world.do(1, ready)
+        world.do(2, ready)
+        return world.do(0, profile_each_way, path, timeout=120), path
 
 
 def _expected_remote_ops():

@@ -22,8 +22,8 @@ and is_remote set:
 The same works around a plain torch.profiler.profile, the
 torch.autograd.profiler.profile it wraps, and the legacy
 torch.autograd.profiler_legacy.profile once torchrpc.profile_remote(True)
-is set (a Chrome trace then gets the remote events through
-add_remote_events(path, remote_events())).
+is set (the legacy profiler's Chrome export has them then; a Kineto
+profiler's trace gets them through add_remote_events(path, remote_events())).
 
 How they get into the tables: torch builds a profiler's events when the
 profile is read, by parsing what the profiler recorded
@@ -139,6 +139,12 @@ def _answered(caller, call, peer, sent_ns, received_ns, thread, data) -> _Answer
 def _wrap_parsers():
     """Wraps torch's two profile parsers (once) so that what they return
     includes the remote events of the profile's calls."""
+    with _lock:  # wrapped twice, a profile would get its remote events twice
+        _wrap_kineto_parser()
+        _wrap_legacy_parser()
+
+
+def _wrap_kineto_parser():
     kineto = torch.autograd.profiler.profile
     parse = getattr(kineto, "_parse_kineto_results", None)
     if parse is not None and not getattr(parse, "_torchrpc", False):
@@ -153,6 +159,8 @@ def _wrap_parsers():
     elif parse is None:
         _cannot_wrap("torch.autograd.profiler.profile._parse_kineto_results")
 
+
+def _wrap_legacy_parser():
     import torch.autograd.profiler_legacy as legacy
 
     parse_records = getattr(legacy, "_parse_legacy_records", None)
@@ -161,9 +169,10 @@ def _wrap_parsers():
         @functools.wraps(parse_records)
         def parse_legacy(thread_records):
             events = parse_records(thread_records)
+            # Times are in us from the profile's start mark (torch's parser checked it is there).
             start = next(r for r in itertools.chain.from_iterable(thread_records)
                          if r.name() == "__start_profile")
-            return _with_remote(events, int(start.start_us() * 1000), None, legacy=True)
+            return _with_remote(events, round(start.start_us() * 1000), None, legacy=True)
 
         parse_legacy._torchrpc = True
         legacy._parse_legacy_records = parse_legacy
@@ -174,7 +183,7 @@ def _wrap_parsers():
 def _cannot_wrap(what: str):
     warnings.warn(f"torchrpc: this torch has no {what}: remote events will reach Chrome "
                   "traces (add_remote_events) but not that profiler's tables",
-                  RuntimeWarning, stacklevel=3)
+                  RuntimeWarning, stacklevel=5)  # where remote profiling was turned on
 
 
 def _with_remote(events: list, base_ns: int, use_device, legacy: bool) -> list:
