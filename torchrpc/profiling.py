@@ -232,7 +232,7 @@ def _remote_function_events(events, base_ns: int, use_device, legacy: bool) -> L
 
 class _Ranges(NamedTuple):
     starts: List[int]  # sorted
-    ends: List[int]  # of the same ranges; None: not ended while the profiler ran
+    ends: List[Optional[int]]  # of the same ranges; None: not ended while the profiler ran
     names: List[str]
 
 
@@ -249,7 +249,8 @@ def _call_ranges(events, base_ns: int) -> Dict[tuple, _Ranges]:
             continue
         start = base_ns + round(e.time_range.start * 1000)
         end = base_ns + round(e.time_range.end * 1000)
-        found.setdefault((e.thread, caller, callee), []).append((start, end if end >= start else None, name))
+        found.setdefault((e.thread, caller, callee), []).append(
+            (start, end if end >= start else None, name))
     out = {}
     for key, rs in found.items():
         rs.sort(key=lambda r: r[0])
