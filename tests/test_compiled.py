@@ -195,7 +195,9 @@ def send_bad_archives(to_rank, address):
 
 
 def test_corrupted_code_archives_are_refused_clearly():
-    with World(2, options=[{}, {"accept_code": True}], transport="tcp") as world:
+    # The raw client sends no heartbeats: w1 must not give it up as silent
+    # while it loads a large bad archive on a loaded machine.
+    with World(2, options=[{}, {"accept_code": True, "peer_timeout": 15.0}], transport="tcp") as world:
         replies, still = world.do(0, send_bad_archives, 1, world.info[1]["address"], timeout=120)
         assert still == 2.0 and world.alive(1)
         for name, (kind, error_type, message) in replies.items():

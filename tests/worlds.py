@@ -20,12 +20,11 @@ import threading
 import time
 import traceback
 
-from rpc_harness import free_port, options_per_rank
+from rpc_harness import free_port, options_per_rank, worker_process
 
 import torchrpc
 import torchrpc.testing
 
-_CTX = mp.get_context("spawn")
 _NOFILE = 4096  # a worker's soft RLIMIT_NOFILE: room for 1,000 connections
 
 
@@ -146,12 +145,11 @@ class World:
         self.procs, self.conns, self.info = [], [], [None] * world_size
         try:
             for r in range(world_size):
-                parent_end, child_end = _CTX.Pipe()
-                p = _CTX.Process(
-                    target=_child_main,
-                    args=(r, world_size, port, per_rank[r], env[r], stderr_paths[r],
-                          after_ready.get(r), child_end),
-                    daemon=True,
+                parent_end, child_end = mp.Pipe()
+                p = worker_process(
+                    _child_main,
+                    (r, world_size, port, per_rank[r], env[r], stderr_paths[r],
+                     after_ready.get(r), child_end),
                 )
                 p.start()
                 child_end.close()
