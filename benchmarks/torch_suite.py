@@ -81,7 +81,8 @@ def _private_rpc_use(dotted):
     for prefix in ("torch.distributed.rpc.", "rpc."):
         if dotted.startswith(prefix):
             for part in dotted[len(prefix):].split("."):
-                if part in PRIVATE_RPC_MODULES or (part.startswith("_") and not part.startswith("__")):
+                dunder = part.startswith("__")
+                if part in PRIVATE_RPC_MODULES or (part.startswith("_") and not dunder):
                     return f"rpc.{dotted[len(prefix):]}"
     if dotted.startswith("torch.distributed.autograd"):
         return "torch.distributed.autograd"
@@ -195,10 +196,10 @@ def _cause(text):
     parent's own (a timeout)."""
     lines = [ln for ln in text.splitlines() if ln.strip()]
     for i, line in enumerate(lines):
-        if line.startswith("Process ") and "exited with error code" in line:
+        if "exited with error code" in line:
             block = []
             for later in lines[i + 1:]:
-                if later.startswith("Process ") and "exited with error code" in later:
+                if "exited with error code" in later:
                     break
                 block.append(later)
             exc = [ln for ln in block if re.match(r"^[\w.]+(Error|Exception|Exit)\b", ln)]
@@ -243,7 +244,7 @@ def run_backend(backend, names, log_path, terminal):
             log.write(f"\n===== {backend} {name} =====\n")
         cls(name).run(result)
         if result.outcomes.get(name, ("",))[0] == "FAIL":
-            bar.write(f"  {backend} FAIL {name}: {result.outcomes[name][2]}")
+            bar.write(f"  {backend} FAIL {name}: {result.outcomes[name][2]}", file=terminal)
     return result.outcomes
 
 
@@ -286,7 +287,8 @@ def main():
     for only in args.only:
         if only not in selected:
             why = left_out.get(only)
-            p.error(f"{only} is not a selected method" + (f" (left out: {', '.join(why)})" if why else ""))
+            left = f" (left out: {', '.join(why)})" if why else ""
+            p.error(f"{only} is not a selected method{left}")
     if args.only:
         names = [n for n in names if n in args.only]
     if args.pattern:
@@ -319,7 +321,8 @@ def main():
         if failures[b]:
             print(f"\n{b} failures:")
             print("\n".join(f"  {n}: {cause}" for n, cause in failures[b].items()))
-    totals = {b: {o: sum(1 for r in results[b].values() if r[0] == o) for o in ("pass", "FAIL", "skip")}
+    totals = {b: {o: sum(1 for r in results[b].values() if r[0] == o)
+                  for o in ("pass", "FAIL", "skip")}
               for b in backends}
     summary = {
         "what": "torch.testing._internal.distributed.rpc.rpc_test.RpcTest, public-API methods",

@@ -10,6 +10,8 @@ import inspect
 import io
 import os
 import pickle
+import re
+import sys
 import threading
 import time
 import warnings
@@ -131,6 +133,56 @@ class Counter:
         return self.v
 
 
+class CustomException(Exception):
+    """Its constructor takes more than a message, so the caller cannot
+    rebuild it from one (torch's test has the same)."""
+
+    def __init__(self, flag, msg):
+        self.flag = flag
+        super().__init__(msg)
+
+
+def custom_raise():
+    raise CustomException(True, "foo")
+
+
+def raise_value_error():
+    raise ValueError("Expected error from the callee")
+
+
+def forget(name):
+    """Removes a module-level function on this worker only: callers still
+    have it, and pickle it by reference."""
+    delattr(sys.modules[__name__], name)
+
+
+def forgotten():
+    return "ran"
+
+
+_stderr = []
+_released = threading.Event()
+
+
+def blocked():
+    return _released.wait(30)
+
+
+def release():
+    _released.set()
+
+
+def capture_stderr():
+    _stderr.append(sys.stderr)
+    sys.stderr = io.StringIO()
+
+
+def captured_stderr():
+    text = sys.stderr.getvalue()
+    sys.stderr = _stderr.pop()
+    return text
+
+
 @rpc.functions.async_execution
 def async_raise():
     raise ValueError("Expected error")
@@ -152,6 +204,7 @@ def torch_program(rank):
     # First thing: a self-owned RRef, through a user, to a third worker that
     # is still finishing init_rpc (slow_init_rank=2).
     local = rpc.RRef(t)
+    c.run("rref_str_owner", lambda: str(local))  # this worker's first id
     c.run("forward_to_third", lambda: rpc.rpc_sync("worker1", pass_on, args=(local, "worker2")))
 
     options = rpc.api._current().options
@@ -180,6 +233,14 @@ def torch_program(rank):
     futs = [rpc.rpc_async("worker1", torch.add, args=(t, i)) for i in range(3)]
     futs.append(rpc.rpc_async("worker2", slow_add, args=(t, 1, 0.05)))
     c.run("wait_all", lambda: [v.tolist() for v in torch.futures.wait_all(futs)])
+    # torch's test_wait_all_exit_early_python: the first failed call ends
+    # wait_all, while another call is still running.
+    slow = rpc.rpc_async("worker1", blocked)
+    c.run("wait_all_failed", lambda: torch.futures.wait_all(
+        [slow, rpc.rpc_async("worker1", raise_value_error)]))
+    c.run("wait_all_slow_still_running", lambda: slow.done())
+    rpc.rpc_sync("worker1", release)
+    c.run("wait_all_slow_finished", lambda: slow.wait())
     c.run("then", lambda: rpc.rpc_async("worker1", torch.add, args=(t, 1))
           .then(lambda f: f.value() + 1).wait().tolist())
     c.run("then_python", lambda: rpc.rpc_async("worker1", slow_add, args=(t, 1, 0.0))
@@ -213,12 +274,29 @@ def torch_program(rank):
     c.run("bad_worker_info", lambda: rpc.get_worker_info("WorkerUnknown"))
     c.run("missing_sync", lambda: box.rpc_sync().non_exist())
     c.run("missing_async", lambda: box.rpc_async().non_exist().wait())
-    c.run("missing_remote", lambda: box.remote().non_exist().to_here())
+    c.run("missing_remote", lambda: box.remote().non_exist())
+    c.run("missing_remote_self", lambda: rpc.RRef(Counter(1)).remote().non_exist())
     c.run("pickle_rref", lambda: pickle.dumps(local))
     c.run("torch_save_rref", lambda: torch.save(rpc.RRef(35), io.BytesIO()))
     c.run("async_raise", lambda: rpc.rpc_sync("worker1", async_raise))
     c.run("async_wrong_type", lambda: rpc.rpc_async("worker1", async_wrong_type).wait())
     c.run("async_wrong_type_remote", lambda: rpc.remote("worker1", async_wrong_type).to_here())
+
+    # torch's words and formats, where torch programs and tests match on them.
+    user = rpc.remote("worker1", torch.add, args=(t, 1))
+    c.run("rref_str_user", lambda: str(user))
+    c.run("local_value_user", lambda: user.local_value())
+    c.run("worker_info_repr", lambda: repr(rpc.get_worker_info("worker1")))
+    c.run("rpc_timeout", rpc.get_rpc_timeout)
+    c.run("reinit", lambda: rpc.init_rpc("worker0", rank=0, world_size=3,
+                                         rpc_backend_options=rpc.TensorPipeRpcBackendOptions()))
+    rpc.rpc_sync("worker1", forget, args=("forgotten",))
+    c.run("not_on_callee", lambda: rpc.rpc_sync("worker1", forgotten))
+    c.run("after_not_on_callee", lambda: rpc.rpc_sync("worker1", whoami))
+    c.run("custom_exception", lambda: rpc.rpc_sync("worker1", custom_raise))
+    rpc.rpc_sync("worker2", capture_stderr)
+    c.run("raise_value", lambda: rpc.rpc_sync("worker2", raise_value_error))
+    c.run("callee_stderr", lambda: rpc.rpc_sync("worker2", captured_stderr))
     return dict(c)
 
 
@@ -254,6 +332,13 @@ def test_futures(program):
     assert program.ok("then_python") == [2.0, 3.0, 4.0, 5.0]
 
 
+def test_wait_all_ends_at_the_first_failed_python_call(program):
+    cls, msg = program["wait_all_failed"][:2]
+    assert cls == "ValueError" and "Expected error from the callee" in msg, (cls, msg)
+    assert program.ok("wait_all_slow_still_running") is False
+    assert program.ok("wait_all_slow_finished") is True
+
+
 def test_then_callback_may_wait_for_another_rpc(program):
     assert program.ok("then_waits_for_rpc") == [3.0, 4.0, 5.0, 6.0]
 
@@ -277,9 +362,54 @@ def test_invalid_destinations_raise_runtime_error(program):
 
 
 def test_proxy_for_missing_attribute_raises_attribute_error(program):
-    for key in ("missing_sync", "missing_async", "missing_remote"):
+    # remote(): from the call itself, on a user and on the owner, as in torch
+    for key in ("missing_sync", "missing_async", "missing_remote", "missing_remote_self"):
         cls, msg = program[key][:2]
         assert cls == "AttributeError" and "has no attribute 'non_exist'" in msg, (key, cls, msg)
+
+
+def test_rrefs_and_worker_infos_print_as_in_torch(program):
+    assert program.ok("rref_str_owner") == "OwnerRRef(GloballyUniqueId(created_on=0, local_id=0))"
+    user = re.fullmatch(r"UserRRef\(RRefId = GloballyUniqueId\(created_on=0, local_id=(\d+)\), "
+                        r"ForkId = GloballyUniqueId\(created_on=0, local_id=(\d+)\)\)",
+                        program.ok("rref_str_user"))
+    assert user, program.ok("rref_str_user")
+    rref_id, fork_id = int(user[1]), int(user[2])
+    assert fork_id == rref_id + 1  # one counter, the RRef's id first
+    assert program.ok("worker_info_repr") == "WorkerInfo(id=1, name=worker1)"
+    cls, msg, is_runtime, _ = program["local_value_user"]
+    assert is_runtime and msg == (
+        f"For UserRRef(rref_id=GloballyUniqueId(created_on=0, local_id={rref_id}), "
+        f"fork_id=GloballyUniqueId(created_on=0, local_id={fork_id})), can't call localValue() "
+        f"on user WorkerInfo(id=0, name=worker0). Call it on owner WorkerInfo(id=1, name=worker1)"
+    ), msg
+
+
+def test_errors_carry_torch_words(program):
+    assert program.ok("rpc_timeout") == 30.0
+    cls, msg, is_runtime, _ = program["reinit"]
+    assert is_runtime and "is already initialized" in msg, (cls, msg)
+    # A function the callee cannot import: a RuntimeError naming it and the
+    # callee, with torch's phrase; the callee goes on serving.
+    cls, msg, is_runtime, _ = program["not_on_callee"]
+    assert cls == "FunctionNotFoundError" and is_runtime, (cls, msg)
+    assert "RPC pickler does not serialize function code" in msg, msg
+    assert "forgotten" in msg and "worker1" in msg, msg
+    assert program.ok("after_not_on_callee") == "worker1"
+    # An exception the caller cannot rebuild from its message.
+    cls, msg, is_runtime, _ = program["custom_exception"]
+    assert cls == "RemoteError" and is_runtime, (cls, msg)
+    assert "Original exception on remote side was" in msg and "CustomException" in msg, msg
+    assert "foo" in msg, msg
+
+
+def test_failed_python_call_is_printed_on_the_callee(program):
+    cls, msg = program["raise_value"][:2]
+    assert cls == "ValueError" and "Expected error from the callee" in msg
+    printed = program.ok("callee_stderr")
+    assert "On WorkerInfo(id=2, name=worker2)" in printed, printed
+    assert "ValueError('Expected error from the callee')" in printed, printed
+    assert "raise_value_error" in printed, printed  # the traceback
 
 
 def test_rref_pickled_outside_rpc_raises(program):
@@ -348,10 +478,28 @@ def test_init_rpc_rejects_bad_arguments_before_starting():
     with pytest.raises(TypeError, match="not both"):
         rpc.init_rpc("w", rank=0, world_size=1, options=rpc.RpcOptions(),
                      rpc_backend_options=rpc.TensorPipeRpcBackendOptions(init_method=local))
-    with pytest.raises(RuntimeError, match="invalid worker name"):
-        rpc.WorkerInfo("abc*", 0)  # torch's test_invalid_names
-    with pytest.raises(RuntimeError):
-        rpc.WorkerInfo("", 0)
+    # torch's test_invalid_names: its words, its limit
+    for bad in ("abc*", " ", "", "a" * 128, "a" * 500):
+        with pytest.raises(RuntimeError, match="invalid worker name") as e:
+            rpc.WorkerInfo(bad, 0)
+        for words in ("Worker name must match", "must be non-empty", "shorter than 128"):
+            assert words in str(e.value), (bad, str(e.value))
+    assert rpc.WorkerInfo("a" * 127, 0).name == "a" * 127
+    with pytest.raises(TypeError, match="Argument backend must be a member of BackendType"):
+        rpc.init_rpc("w", backend="TENSORPIPE", rank=0, world_size=1)
+    with pytest.raises(TypeError, match="Argument rpc_backend_options must be an instance of Rpc"):
+        rpc.init_rpc("w", rank=0, world_size=1, rpc_backend_options={"init_method": local})
+    # torch infers the backend from the options' class: a plain
+    # RpcBackendOptions (or a subclass of it) names none
+    with pytest.raises(TypeError, match="Could not infer backend for options"):
+        rpc.init_rpc("w", rank=0, world_size=1, rpc_backend_options=rpc.RpcBackendOptions(
+            init_method=local))
+
+
+def test_worker_info_pickles_and_prints_as_in_torch():
+    info = rpc.WorkerInfo("worker3", 3)
+    assert pickle.loads(pickle.dumps(info)) == info
+    assert repr(info) == str(info) == "WorkerInfo(id=3, name=worker3)"
 
 
 # -- async_execution: the Python half of the contract, in one process ------------

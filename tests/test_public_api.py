@@ -9,7 +9,8 @@ def test_public_names():
     assert sorted(torchrpc.__all__) == sorted(
         [
             "RpcOptions", "WorkerInfo", "init_rpc", "shutdown", "rpc_sync", "rpc_async",
-            "register", "script", "get_worker_info", "remote", "debug_info", "RRef",
+            "register", "script", "get_worker_info", "get_rpc_timeout", "remote", "debug_info",
+            "RRef",
             "BackendType", "RpcBackendOptions", "TensorPipeRpcBackendOptions",
             "RpcError", "DecodeError", "RpcTimeoutError", "RemoteError", "PeerLostError",
             "RpcShutdownError", "ArgumentError", "FunctionNotFoundError",

@@ -304,6 +304,7 @@ def test_duplicate_names_are_rejected():
     for p in procs:
         p.join(timeout=10)
     assert all("duplicate worker name 'same'" in g for g in got), got
+    assert all("is not unique" in g for g in got), got  # torch's words
 
 
 def _init_as(name, rank, port, q):
@@ -319,8 +320,11 @@ def _init_as(name, rank, port, q):
 
 
 def test_calls_before_init_fail_clearly():
-    with pytest.raises(torchrpc.RpcShutdownError, match="init_rpc"):
+    # torch's words first ("^RPC has not been initialized"), then torchrpc's advice.
+    with pytest.raises(torchrpc.RpcShutdownError, match="^RPC has not been initialized.*init_rpc"):
         torchrpc.rpc_sync("w1", add, (torch.ones(1), torch.ones(1)))
+    with pytest.raises(RuntimeError, match="^Current RPC agent is not set! Did you initialize"):
+        torchrpc.RRef(torch.ones(1))
 
 
 def test_invalid_names_and_ranks():

@@ -37,7 +37,10 @@ def _current() -> _State:
         # A peer that finished rendezvous first may already be calling us.
         _initialized.wait(timeout=60)
     if _state is None:
-        raise RpcShutdownError("torchrpc: RPC is not running (call torchrpc.init_rpc first)")
+        # Starts with torch's words: programs written for it match on them.
+        raise RpcShutdownError(
+            "RPC has not been initialized, or has been shut down: call torchrpc.init_rpc first"
+        )
     return _state
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "register",
     "script",
     "get_worker_info",
+    "get_rpc_timeout",
     "remote",
     "debug_info",
     "metrics",
@@ -151,6 +152,9 @@ class WorkerInfo:
     def __post_init__(self):
         rendezvous.check_name(self.name)
 
+    def __repr__(self):
+        return f"WorkerInfo(id={self.id}, name={self.name})"  # as torch prints it
+
 
 _lock = threading.Lock()  # init_rpc and shutdown set and clear the handle (torchrpc._handle)
 # Name -> a ScriptFunction, or a _C.Callable (exported program, AOTInductor package).
@@ -181,7 +185,10 @@ def init_rpc(
     host, port, rank, world_size = rendezvous.parse_init_method(init_method, rank, world_size)
     with _lock:
         if _handle._state is not None:
-            raise RuntimeError("torchrpc: init_rpc was already called in this process")
+            raise RuntimeError(
+                "RPC is already initialized: init_rpc was already called in this process "
+                "(call torchrpc.shutdown() first)"
+            )
         _handle._initialized.clear()
         _handle._initializing.set()
         try:
@@ -193,16 +200,27 @@ def init_rpc(
 
 def _resolve_options(backend, rpc_backend_options, options, init_method):
     """(RpcOptions, init_method) from init_rpc's two ways of giving them."""
+    # The TypeErrors carry torch's words ("Argument backend must be a member
+    # of BackendType", ...): programs written for it match on them.
     if backend is not None and backend is not BackendType.TENSORPIPE:
         raise TypeError(
-            f"init_rpc: backend must be BackendType.TENSORPIPE or None, got {backend!r}"
+            f"init_rpc: Argument backend must be a member of BackendType "
+            f"(BackendType.TENSORPIPE) or None, got {backend!r}"
         )
     if rpc_backend_options is None:
         return options or RpcOptions(), init_method or "env://"
     if not isinstance(rpc_backend_options, RpcBackendOptions):
         raise TypeError(
-            f"init_rpc: rpc_backend_options must be a TensorPipeRpcBackendOptions, "
+            f"init_rpc: Argument rpc_backend_options must be an instance of "
+            f"RpcBackendOptions (a TensorPipeRpcBackendOptions), "
             f"got {type(rpc_backend_options).__name__}"
+        )
+    if backend is None and not isinstance(rpc_backend_options, TensorPipeRpcBackendOptions):
+        # torch picks the backend from the options' class; only
+        # TensorPipeRpcBackendOptions names one.
+        raise TypeError(
+            f"init_rpc: Could not infer backend for options {type(rpc_backend_options).__name__}: "
+            f"pass a TensorPipeRpcBackendOptions, or backend=BackendType.TENSORPIPE"
         )
     if options is not None or init_method is not None:
         raise TypeError(
@@ -401,7 +419,7 @@ def cancel(fut) -> bool:
     RpcCancelledError, and the callee drops the request if it has not started
     (or discards its result). Returns True if the call never ran; False if it
     ran, finished already, or its worker could not be asked."""
-    return _current().agent.cancel(getattr(fut, "_torchrpc_source", fut))
+    return _current().agent.cancel(fut)
 
 
 _NO_LIMIT_S = 10 * 365 * 24 * 3600.0  # "no timeout" as seconds the C++ waits can take
@@ -432,6 +450,12 @@ def get_worker_info(worker_name: Optional[str] = None) -> WorkerInfo:
         raise InvalidWorkerError(
             f"torchrpc: could not find destination worker {worker_name!r}: no worker has that name"
         ) from None
+
+
+def get_rpc_timeout() -> float:
+    """The default call timeout in seconds (RpcOptions.rpc_timeout, or the
+    rpc_backend_options' rpc_timeout); 0 means none."""
+    return float(_current().options.rpc_timeout)
 
 
 def register(fn, name: Optional[str] = None, *, num_runners: int = 1):

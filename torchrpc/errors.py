@@ -113,14 +113,21 @@ def make_error(kind, message, remote_type="", remote_traceback=""):
     if remote_traceback:
         message = f"{message}\n\nRemote traceback:\n{remote_traceback}"
     cls = _find_class(remote_type) if remote_type else None
-    if cls is not None:
+    if cls is None:
+        why = "its class cannot be imported here" if remote_type else "it has no class"
+    else:
         try:
             exc = cls(message)
             exc.remote_traceback = remote_traceback
             return exc
-        except Exception:
-            pass  # constructor takes other arguments: fall back below
-    return RemoteError(message, remote_type, remote_traceback)
+        except Exception as e:  # constructor takes other arguments
+            why = f"{cls.__qualname__}(message) raised {type(e).__name__}: {e}"
+    # "Original exception on remote side was": torch's words, which programs match on.
+    return RemoteError(
+        f"torchrpc: the callee's exception {remote_type or '(unknown)'} cannot be rebuilt "
+        f"here ({why}). Original exception on remote side was {remote_type}: {message}",
+        remote_type, remote_traceback,
+    )
 
 
 # builtins is always importable; named here so linters see it is used.

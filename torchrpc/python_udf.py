@@ -13,13 +13,14 @@ keeps it, and so the owner's value, alive until the reply (see dumps).
 
 import io
 import pickle
+import sys
 import traceback
 
 import torch
 
-from torchrpc import _C
+from torchrpc import _C, _handle
 from torchrpc import rref as rref_mod
-from torchrpc.errors import PythonCallDisabledError
+from torchrpc.errors import FunctionNotFoundError, PythonCallDisabledError
 from torchrpc.functions import _is_async_execution
 
 
@@ -84,11 +85,14 @@ def call(state, dst, func, args, kwargs, timeout, sync):
     _check_python_udf(state, dst, func)
     held = []  # RRefs owned by dst, sent by id: alive until the reply
     pickled, tensors = dumps((func, args, kwargs), dst, held)
-    result = state.agent.python_call(dst, _what(func), pickled, tensors, timeout, sync)
     if sync:
+        result = state.agent.python_call(dst, _what(func), pickled, tensors, timeout, True)
         del held
         return loads_result(result)
-    return _unpickled(result, held)
+    # A torch Future that completes with the unpickled result or fails with
+    # the call's error (its own class), `held` kept until the reply.
+    return state.agent.python_call(dst, _what(func), pickled, tensors, timeout, False,
+                                   loads_result, held)
 
 
 def remote(state, dst, func, args, kwargs, timeout):
@@ -111,23 +115,6 @@ def _check_python_udf(state, dst, func):
             f"(it must start with RpcOptions(python_udf=True)); "
             f"register {getattr(func, '__name__', func)!r} as a TorchScript function instead"
         )
-
-
-def _unpickled(fut, held=None):
-    """A Future of fut's unpickled value. Not fut.then(): that would wrap a
-    remote error in RuntimeError, and callers expect the error's own class.
-    `held` stays referenced until fut completes."""
-    out = torch.futures.Future()
-    out._torchrpc_source = fut  # for cancel()
-
-    def done(f, held=held):
-        try:
-            out.set_result(loads_result(f.value()))
-        except BaseException as e:
-            out.set_exception(e)
-
-    fut.add_done_callback(done)
-    return out
 
 
 def run_python_call(pickled, tensors):
@@ -153,7 +140,10 @@ def _run(pickled, tensors, reply):
     """Both entry points: unpickle, call, and reply(result), now or (for
     async_execution) when the returned Future completes."""
     try:
-        fn, args, kwargs = loads(pickled, tensors)
+        try:
+            fn, args, kwargs = loads(pickled, tensors)
+        except (AttributeError, ImportError) as e:
+            raise _not_found(e) from e
         _C.wait_received_forks()  # RRef arguments are confirmed by their owners first
         fn = _target(fn)
         result = fn(*args, **kwargs)
@@ -161,7 +151,29 @@ def _run(pickled, tensors, reply):
             return ("future", _reply_when_done(fn, result, reply))
         return reply(result)
     except BaseException as e:  # every failure goes back to the caller
+        _log(e)
         return _error(e)
+
+
+def _me() -> str:
+    state = _handle._state
+    return repr(state.self_info) if state is not None else "a worker still in init_rpc"
+
+
+def _not_found(e: BaseException) -> FunctionNotFoundError:
+    """What a call whose function (or an argument's class) the callee cannot
+    import raises on the caller: a RuntimeError, with torch's words."""
+    return FunctionNotFoundError(
+        f"cannot load the Python call: {e}. The RPC pickler does not serialize function "
+        f"code: functions and classes travel by reference, so define them at module level "
+        f"in a module the callee imports too"
+    )
+
+
+def _log(e: BaseException):
+    """A failed call is told on the callee's stderr too (as torch does), so
+    the worker's own log shows what its peers were sent back."""
+    print(f"On {_me()}:\n{e!r}\n{traceback.format_exc()}", file=sys.stderr)
 
 
 def _target(fn):

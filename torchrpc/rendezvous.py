@@ -14,7 +14,8 @@ from torch.distributed import TCPStore
 
 from torchrpc.errors import InvalidWorkerError, RpcError, RpcTimeoutError
 
-_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+# torch's rule (plus '.'), and its length limit: shorter than 128.
+_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,127}$")
 
 
 def parse_init_method(init_method: str, rank: int, world_size):
@@ -58,7 +59,8 @@ def local_address_towards(host: str) -> str:
 def check_name(name: str):
     if not isinstance(name, str) or not _NAME.match(name):
         raise InvalidWorkerError(
-            f"invalid worker name {name!r}: use 1-128 letters, digits, '_', '-', '.', ':'"
+            f"invalid worker name {name!r}: Worker name must match [A-Za-z0-9_.:-]+, "
+            f"and must be non-empty and shorter than 128 characters"
         )
 
 
@@ -121,7 +123,8 @@ def exchange(store, rank: int, world_size: int, info: dict, timeout: float) -> L
     for r, w in enumerate(infos):
         if w["name"] in seen:
             raise InvalidWorkerError(
-                f"duplicate worker name {w['name']!r} (ranks {seen[w['name']]} and {r})"
+                f"duplicate worker name {w['name']!r}: a worker name is not unique "
+                f"(ranks {seen[w['name']]} and {r})"
             )
         seen[w["name"]] = r
     return infos

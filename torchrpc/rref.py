@@ -32,7 +32,9 @@ class RRef:
     anything else is a Python object, fetched pickled.
     """
 
-    __slots__ = ("_c",)
+    # _attributes: names of the value's attributes remote() proxies found on
+    # the owner (each is asked once).
+    __slots__ = ("_c", "_attributes")
 
     def __init__(self, value: Any = None, *, _script_object=None):
         if _script_object is None:
@@ -43,6 +45,7 @@ class RRef:
                 # A container TorchScript cannot type ([], [obj], {k: obj}).
                 _script_object = agent.rref_local(value, True)
         self._c = _script_object
+        self._attributes = set()
 
     def _info(self):
         return _agent().rref_info(self._c)  # (is_owner, owner_id, is_python, confirmed)
@@ -76,9 +79,11 @@ class RRef:
     def local_value(self):
         """The value itself; only on the owner."""
         if not self.is_owner():
-            raise RuntimeError(
-                f"torchrpc: local_value() needs the owner; this RRef is owned by "
-                f"{self.owner_name()!r}"
+            state = _handle._current()
+            raise RuntimeError(  # torch's message, word for word
+                f"For UserRRef(rref_id={_gid(self._id())}, fork_id={_gid(self._fork_id())}), "
+                f"can't call localValue() on user {state.self_info!r}. "
+                f"Call it on owner {self.owner()!r}"
             )
         return self.to_here()
 
@@ -114,6 +119,10 @@ class RRef:
     def _id(self):
         return _agent().rref_id(self._c)
 
+    def _fork_id(self):
+        """This user reference's own id; None for an owner."""
+        return _agent().rref_fork_id(self._c)
+
     def _fork(self):
         """A new fork of this reference, as the tuple _unfork() takes on the
         receiving worker; registered at once, so it must be sent."""
@@ -128,8 +137,16 @@ class RRef:
         )
 
     def __repr__(self):
-        is_owner, owner, _, _ = self._info()
-        return f"RRef(owner={owner}, {'owner' if is_owner else 'user'})"
+        # As torch prints its RRefs, with the ids the RRef protocol uses
+        # (one counter per worker from 0, as in torch).
+        if self.is_owner():
+            return f"OwnerRRef({_gid(self._id())})"
+        return f"UserRRef(RRefId = {_gid(self._id())}, ForkId = {_gid(self._fork_id())})"
+
+
+def _gid(created_on_and_local_id):
+    created_on, local_id = created_on_and_local_id
+    return f"GloballyUniqueId(created_on={created_on}, local_id={local_id})"
 
 
 def _owned(rref_id):
@@ -167,9 +184,25 @@ class _OwnerMethod:
         return f"RRef value.{self.name}"
 
 
+def _missing_attribute(rref, name):
+    """On the owner: None if the value has attribute `name`, else the text of
+    the AttributeError looking it up raises."""
+    try:
+        getattr(rref.local_value(), name)
+        return None
+    except AttributeError as e:
+        return str(e)
+
+
 class _Proxy:
     """rref.rpc_sync(), rpc_async() and remote(): the value's methods, called
-    on the owner as Python callables (as torchrpc.rpc_sync and co. would)."""
+    on the owner as Python callables (as torchrpc.rpc_sync and co. would).
+
+    rpc_sync() and rpc_async() look the method up in the call itself, so a
+    missing one raises AttributeError from the call (rpc_async: from wait()).
+    remote() first asks the owner whether the value has it (once per RRef and
+    name), so that a missing method raises AttributeError from the remote()
+    call, as in torch, not later from to_here()."""
 
     def __init__(self, rref, how, timeout):
         self._rref, self._how, self._timeout = rref, how, timeout
@@ -181,12 +214,28 @@ class _Proxy:
             state, owner = _handle._current(), self._rref._info()[1]
             func, timeout = _OwnerMethod(self._rref, name), _handle._timeout(self._timeout)
             if self._how == "remote":
+                self._check_attribute(state, owner, name, timeout)
                 obj = python_udf.remote(state, owner, func, args, kwargs, timeout)
                 return RRef(_script_object=obj)
             sync = self._how == "rpc_sync"
             return python_udf.call(state, owner, func, args, kwargs, timeout, sync)
 
         return method
+
+    def _check_attribute(self, state, owner, name, timeout):
+        from torchrpc import python_udf  # which imports this module
+
+        rref = self._rref
+        if name in rref._attributes:
+            return
+        if rref.is_owner():
+            missing = _missing_attribute(rref, name)
+        else:
+            missing = python_udf.call(state, owner, _missing_attribute, (rref, name), {},
+                                      timeout, True)
+        if missing is not None:
+            raise AttributeError(missing)
+        rref._attributes.add(name)
 
 
 def _is_script_rref(value) -> bool:

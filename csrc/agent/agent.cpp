@@ -1238,7 +1238,10 @@ void setCurrentAgent(std::shared_ptr<Agent> agent) {
 std::shared_ptr<Agent> currentAgent() {
   std::lock_guard<std::mutex> g(currentMu);
   if (!current || !current->running()) {
-    throw RpcError(ErrorKind::kShutdown, "torchrpc: RPC is not running (call torchrpc.init_rpc first)");
+    // torch's words first: programs written for it match on them.
+    throw RpcError(ErrorKind::kShutdown,
+                   "Current RPC agent is not set! Did you initialize the RPC framework "
+                   "(torchrpc.init_rpc)? RPC has not been initialized here, or has been shut down");
   }
   return current;
 }

@@ -175,21 +175,62 @@ py::object builtinCall(const std::shared_ptr<Agent>& self, int64_t to, const std
                 [&] { return agent.scriptCall(to, std::move(name), std::move(stack), timeout); });
 }
 
-py::object pythonCall(const std::shared_ptr<Agent>& self, int64_t to, const std::string& what,
-                      at::Tensor pickled, std::vector<at::Tensor> tensors, double timeout, bool sync) {
-  Agent& agent = *self;
-  return finish(self, to, sync, py::none(), [&] {
-    return agent.send(to, PythonCall(PickledValue{std::move(pickled), std::move(tensors)}).toMessage(), timeout,
-                      what);
-  });
-}
-
 // A Python callable kept by C++ threads: released under the GIL.
 std::shared_ptr<py::object> keepPython(py::object fn) {
   return std::shared_ptr<py::object>(new py::object(std::move(fn)), [](py::object* p) {
     py::gil_scoped_acquire gil;
     delete p;
   });
+}
+
+// The torch Future of an asynchronous Python call: completed on the agent's
+// callback threads with loads(reply) (the unpickled result), or with the
+// call's own error. A real error, not a Future that Python completed with
+// set_exception (whose value is the exception): torch.futures.wait_all and
+// collect_all stop at the first failed call only for the former.
+py::object unpickledFuture(Agent& agent, const FuturePtr& fut, py::object loads, py::object keep) {
+  auto out = c10::make_intrusive<c10::ivalue::Future>(c10::PyObjectType::get());
+  agent.alias(out, fut);  // torchrpc.cancel(out) finds the request
+  auto fn = keepPython(std::move(loads));
+  auto kept = keepPython(std::move(keep));  // alive until the reply (RRefs sent by id)
+  fut->addCallback([&agent, out, fn, kept](c10::ivalue::Future& done) {
+    agent.unalias(out);
+    agent.defer([out, fn, kept, done = c10::intrusive_ptr<c10::ivalue::Future>::reclaim_copy(&done)] {
+      if (done->hasError()) {
+        out->setError(done->exception_ptr());
+        return;
+      }
+      c10::IValue value;
+      try {
+        py::gil_scoped_acquire gil;
+        value = torch::jit::toIValue((*fn)(torch::jit::toPyObject(done->value())), c10::PyObjectType::get());
+      } catch (...) {
+        out->setError(std::current_exception());
+        return;
+      }
+      out->markCompleted(std::move(value));
+    });
+  });
+  return py::cast(std::make_shared<PythonFutureWrapper>(out));
+}
+
+// sync: the reply (the pickled result, which Python unpickles). Otherwise
+// unpickledFuture's torch Future, `keep` held until the reply.
+py::object pythonCall(const std::shared_ptr<Agent>& self, int64_t to, const std::string& what,
+                      at::Tensor pickled, std::vector<at::Tensor> tensors, double timeout, bool sync,
+                      py::object loads, py::object keep) {
+  Agent& agent = *self;
+  auto start = [&] {
+    return agent.send(to, PythonCall(PickledValue{std::move(pickled), std::move(tensors)}).toMessage(), timeout,
+                      what);
+  };
+  if (sync) return finish(self, to, true, py::none(), start);
+  FuturePtr fut;
+  {
+    py::gil_scoped_release release;
+    fut = start();
+  }
+  return unpickledFuture(agent, fut, std::move(loads), std::move(keep));
 }
 
 // A c10 future for the torch.futures.Future an async_execution function
@@ -471,7 +512,7 @@ void initAgentBindings(py::module_& m) {
       .def("builtin_call", &builtinCall, py::arg("to"), py::arg("op_name"), py::arg("args"), py::arg("kwargs"),
            py::arg("timeout"), py::arg("sync"), py::arg("out") = py::none())
       .def("python_call", &pythonCall, py::arg("to"), py::arg("what"), py::arg("pickled"), py::arg("tensors"),
-           py::arg("timeout"), py::arg("sync"))
+           py::arg("timeout"), py::arg("sync"), py::arg("loads") = py::none(), py::arg("keep") = py::none())
       .def("query_schema",
            [](Agent& a, int64_t to, const std::string& name, double timeout) {
              FuturePtr fut;
@@ -510,6 +551,13 @@ void initAgentBindings(py::module_& m) {
            [](Agent&, const py::object& obj) {
              const RRefId& id = toRRef(obj)->id();
              return py::make_tuple(id.createdOn, id.localId);
+           })
+      .def("rref_fork_id",
+           [](Agent&, const py::object& obj) {
+             // A user reference's own id; None for an owner.
+             RRefPtr r = toRRef(obj);
+             if (r->isOwner()) return py::object(py::none());
+             return py::object(py::make_tuple(r->forkId().createdOn, r->forkId().localId));
            })
       .def("rref_owned",
            [](Agent& agent, const std::tuple<int64_t, int64_t>& id) {

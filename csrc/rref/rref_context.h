@@ -168,7 +168,10 @@ class RRefContext : public std::enable_shared_from_this<RRefContext> {
   SendReliably sendReliably_;
   ObjectCodec objectCodec_;
   std::mutex mu_;
-  std::atomic<int64_t> nextLocalId_{1};
+  // RRef and fork ids share one counter from 0, as in torch, so an RRef
+  // prints with the ids a torch program sees (kNoFork and kSentToOwner are
+  // negative, never issued).
+  std::atomic<int64_t> nextLocalId_{0};
   std::atomic<int64_t> liveUsers_{0};
   std::unordered_map<RRefId, OwnerEntry, GloballyUniqueIdHash> owners_;
   std::unordered_map<ForkId, RRefPtr, GloballyUniqueIdHash> children_;
