@@ -11,6 +11,20 @@ from setuptools import find_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class InTreeBuildExtension(BuildExtension):
+    """Keeps object files in build/temp, inside the tree. pip builds an
+    editable install in a new temporary folder each time, so without this
+    every `make build` recompiles everything, and ccache (which hashes paths
+    relative to the tree, see the Makefile) never matches a fresh clone."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = os.path.join(HERE, "build", "temp")
+
+
 def get_extensions():
     debug = os.environ.get("DEBUG", "0") == "1"
     flags = ["-O0", "-g"] if debug else ["-O2", "-g0"]
@@ -33,7 +47,7 @@ setup(
     description="TorchScript-first RPC for PyTorch",
     packages=find_packages(include=["torchrpc", "torchrpc.*", "scripted_ops", "scripted_ops.*"]),
     ext_modules=get_extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": InTreeBuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
     # The extension is built against the torch found at build time
     # (--no-build-isolation), so any torch the build accepted will do here;
