@@ -46,8 +46,8 @@ bench: build
 # torch's own RpcTest (its public-API methods) on TensorPipe and on torchrpc:
 # a table and benchmarks/results/torch_suite.json (torch_suite.py --help).
 # torch's test utilities import expecttest.
+# torch's own RpcTest (public-API methods) on TensorPipe and on torchrpc.
 torch-suite: build
-	$(PY) -m pip install -q expecttest
 	$(PY) benchmarks/torch_suite.py
 
 # 10^6 mutated frames decoded in memory-limited children: no crash, no hang,

@@ -58,7 +58,8 @@ setup(
         "testing": ["hypothesis"],
         # make test: the suite, and the Prometheus parser it checks metrics with.
         "test": ["pytest", "hypothesis", "prometheus_client"],
-        # make bench / fuzz / soak / scale: progress bars and plots.
-        "bench": ["tqdm", "matplotlib"],
+        # make bench / fuzz / soak / torch-suite: progress bars, plots, and
+        # expecttest, which torch's own RPC test suite imports.
+        "bench": ["tqdm", "matplotlib", "expecttest"],
     },
 )
