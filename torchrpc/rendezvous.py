@@ -102,32 +102,62 @@ def _wait_reachable(host: str, port: int, deadline: float):
 
 
 def exchange(store, rank: int, world_size: int, info: dict, timeout: float) -> List[dict]:
-    """Publishes this worker's info and returns everyone's, indexed by rank."""
+    """Publishes this worker's info and returns everyone's, indexed by rank.
+
+    Rank 0 gathers the infos in one request and publishes the list under one
+    key, which every other rank reads once: O(N) store requests per job, not
+    O(N^2). An invalid world (a duplicate name) is published the same way, so
+    every rank raises the same error, and rank 0 (which may host the store)
+    leaves only once every rank has read it.
+    """
     if store.add(f"torchrpc/rank/{rank}", 1) != 1:
         raise InvalidWorkerError(f"rank {rank} is already taken by another worker")
     store.set(f"torchrpc/worker/{rank}", json.dumps(info))
-    keys = [f"torchrpc/worker/{r}" for r in range(world_size)]
+    wait = timedelta(seconds=max(timeout, 0.1))
+    if rank == 0:
+        keys = [f"torchrpc/worker/{r}" for r in range(world_size)]
+        _wait_for(store, keys, wait, world_size)
+        infos = [json.loads(v) for v in store.multi_get(keys)]
+        store.set(_WORLD_KEY, json.dumps({"workers": infos, "error": _duplicate_name(infos)}))
+    else:
+        _wait_for(store, [_WORLD_KEY], wait, world_size)
+    world = json.loads(store.get(_WORLD_KEY))
+    if world["error"]:
+        read = store.add(_WORLD_READ_KEY, 1)
+        deadline = time.monotonic() + max(timeout, 0.1)
+        while rank == 0 and read < world_size and time.monotonic() < deadline:
+            time.sleep(0.01)
+            read = store.add(_WORLD_READ_KEY, 0)
+        raise InvalidWorkerError(world["error"])
+    return world["workers"]
+
+
+_WORLD_KEY = "torchrpc/world"  # every worker's info, published by rank 0
+_WORLD_READ_KEY = "torchrpc/world/read"
+
+
+def _wait_for(store, keys: List[str], wait: timedelta, world_size: int):
     try:
-        store.wait(keys, timedelta(seconds=max(timeout, 0.1)))
+        store.wait(keys, wait)
     except Exception as e:
         try:
-            missing = [r for r, k in enumerate(keys) if not store.check([k])]
+            missing = [r for r in range(world_size) if not store.check([f"torchrpc/worker/{r}"])]
         except Exception:
             missing = "unknown (the store went away)"
         raise RpcTimeoutError(
             f"torchrpc: rendezvous timed out waiting for {world_size} workers: "
             f"ranks {missing} never arrived"
         ) from e
-    infos = [json.loads(store.get(k)) for k in keys]
+
+
+def _duplicate_name(infos: List[dict]) -> Optional[str]:
     seen = {}
     for r, w in enumerate(infos):
         if w["name"] in seen:
-            raise InvalidWorkerError(
-                f"duplicate worker name {w['name']!r}: a worker name is not unique "
-                f"(ranks {seen[w['name']]} and {r})"
-            )
+            return (f"duplicate worker name {w['name']!r}: a worker name is not unique "
+                    f"(ranks {seen[w['name']]} and {r})")
         seen[w["name"]] = r
-    return infos
+    return None
 
 
 def barrier(store, key: str, rank: int, world_size: int, timeout: float, wait: bool = True,
