@@ -12,7 +12,7 @@ CCACHE_DIR_LINKS := $(VENV)/ccache-links
 BUILD_ENV := PATH=$(abspath $(CCACHE_DIR_LINKS)):$(abspath $(VENV)/bin):$$PATH MAX_JOBS=2 \
 	CCACHE_BASEDIR=$(CURDIR) CCACHE_NOHASHDIR=1
 
-.PHONY: setup build test demo bench torch-suite fuzz soak clean
+.PHONY: setup build test demo bench bench-scale torch-suite fuzz soak clean
 
 # Build tools and the pinned torch first (a bare `torch` would pull a CUDA
 # build), then the package with its declared extras, so that what users get
@@ -42,6 +42,12 @@ bench: build
 	$(PY) benchmarks/bench_rpc.py
 	$(PY) benchmarks/bench_compiled.py
 	$(PY) benchmarks/bench_observe.py
+
+# 8 to 64 workers on this host, torchrpc (default transports and TCP) beside
+# TensorPipe: init, all-to-all calls/s, threads/fds/RSS per worker, shutdown.
+# Not part of `bench`: it takes minutes and needs the machine mostly idle.
+bench-scale: build
+	$(PY) benchmarks/bench_scale.py --sizes 8,16,32,64 --transports default,tcp
 
 # torch's own RpcTest (its public-API methods) on TensorPipe and on torchrpc:
 # a table and benchmarks/results/torch_suite.json (torch_suite.py --help).
