@@ -12,7 +12,7 @@ CCACHE_DIR_LINKS := $(VENV)/ccache-links
 BUILD_ENV := PATH=$(abspath $(CCACHE_DIR_LINKS)):$(abspath $(VENV)/bin):$$PATH MAX_JOBS=2 \
 	CCACHE_BASEDIR=$(CURDIR) CCACHE_NOHASHDIR=1
 
-.PHONY: setup build test demo bench bench-scale torch-suite fuzz soak clean
+.PHONY: setup build test demo bench bench-scale scale torch-suite fuzz soak clean
 
 # Build tools and the pinned torch first (a bare `torch` would pull a CUDA
 # build), then the package with its declared extras, so that what users get
@@ -48,6 +48,11 @@ bench: build
 # Not part of `bench`: it takes minutes and needs the machine mostly idle.
 bench-scale: build
 	$(PY) benchmarks/bench_scale.py --sizes 8,16,32,64 --transports default,tcp
+
+# The biggest worlds of tests/test_scale.py (32 workers per transport), beyond
+# make test's budget; its 16-worker case runs in make test.
+scale: build
+	TORCHRPC_SCALE=1 $(PY) -m pytest -q tests/test_scale.py
 
 # torch's own RpcTest (its public-API methods) on TensorPipe and on torchrpc:
 # a table and benchmarks/results/torch_suite.json (torch_suite.py --help).
