@@ -30,11 +30,14 @@ Each world measures, in order:
              open fds (/proc/self/fd) and VmRSS; median and max over workers
   shutdown   every rank calls graceful shutdown at the same moment; the
              slowest rank's time
+  host       the host memory the world took (MemAvailable before it minus
+             its lowest while it ran): shared pages counted once, unlike RSS
 
 Workers line up between steps on a multiprocessing barrier, never through the
 RPC system under test. Every wait is bounded (--timeout per world): a hung
 world is reported with the ranks that did not answer, and all its processes
-are killed before the next one starts.
+are killed before the next one starts. So is a world that brings the host's
+available memory under --min-free-mib (TensorPipe's RSS grows with N).
 
 Prints one table per N with the ratio torchrpc / TensorPipe, and the issue's
 targets at N = 32 and 64 (each PASS or MISS): init <= 0.5x, all-to-all calls/s
@@ -71,6 +74,7 @@ TARGET_SIZES = (32, 64)
 INIT_RATIO_MAX = 0.5
 CALLS_RATIO_MIN = 3.0
 FLAT_TOLERANCE = 0.10  # "flat in N": within 10% of the smallest N measured
+MEMORY_POLL_S = 0.5  # how often the parent checks the host's available memory
 
 # Figures each world reports, in table order: (key, label, unit, higher is better).
 FIGURES = [
@@ -85,6 +89,7 @@ FIGURES = [
     ("rss_mib_median", "RSS per worker MiB (median)", "MiB", False),
     ("rss_mib_max", "RSS per worker MiB (max)", "MiB", False),
     ("shutdown_s", "shutdown, slowest rank", "s", False),
+    ("host_mib_used", "host memory used by the world", "MiB", False),
 ]
 
 
@@ -203,7 +208,12 @@ def _kill_all(procs, grace):
         p.join(timeout=5)
 
 
-def run_world(name, world_size, rounds, timeout, progress=None) -> Dict:
+def _available_mib() -> float:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 1024
+
+
+def run_world(name, world_size, rounds, timeout, min_free_mib, progress=None) -> Dict:
     """One world of `world_size` workers of backend `name`: its figures, or
     {"error": why} (every process killed)."""
     queue = _CTX.Queue()
@@ -215,11 +225,19 @@ def run_world(name, world_size, rounds, timeout, progress=None) -> Dict:
         p.start()
     results, errors, ready = {}, {}, set()
     deadline = time.monotonic() + timeout
+    base_free = low_free = _available_mib()
     try:
         while len(results) + len(errors) < world_size:
             left = deadline - time.monotonic()
+            low_free = min(low_free, _available_mib())
+            if low_free < min_free_mib:
+                # A world that would push the host into the OOM killer is
+                # stopped while the machine can still answer.
+                return {"error": f"stopped: host memory available fell to {low_free:.0f} MiB "
+                                 f"(< --min-free-mib {min_free_mib}) with {len(results)}"
+                                 f"/{world_size} workers done"}
             try:
-                rank, status, value = queue.get(timeout=max(0.1, left))
+                rank, status, value = queue.get(timeout=min(MEMORY_POLL_S, max(0.01, left)))
             except queue_mod.Empty:
                 if time.monotonic() >= deadline:
                     break
@@ -243,7 +261,11 @@ def run_world(name, world_size, rounds, timeout, progress=None) -> Dict:
         silent = sorted(set(range(world_size)) - set(results))
         return {"error": f"timed out after {timeout:.0f} s: {len(silent)} worker(s) never "
                          f"reported (w{silent[0]}...; {len(ready)}/{world_size} had started)"}
-    return summarize([results[r] for r in range(world_size)], rounds)
+    out = summarize([results[r] for r in range(world_size)], rounds)
+    # What the world took from the host, shared pages counted once (RSS
+    # counts torch's libraries, shared with the fork server, in every worker).
+    out["host_mib_used"] = base_free - low_free
+    return out
 
 
 def _pct(sorted_values, q):
@@ -335,7 +357,7 @@ def plot(results, columns, sizes, path):
     import matplotlib.pyplot as plt
 
     keys = [f for f in FIGURES if not f[0].endswith("_max")]
-    cols = 4
+    cols = 3
     rows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows))
     for ax, (key, label, unit, _) in zip(axes.flat, keys):
@@ -371,6 +393,8 @@ def main():
     ap.add_argument("--timeout", type=float, default=None,
                     help="seconds a world may take from start to its last result "
                          "(default 60 + 2 s per worker)")
+    ap.add_argument("--min-free-mib", type=int, default=1024,
+                    help="stop a world when the host's available memory falls below this")
     ap.add_argument("--out", default=os.path.join(RESULTS, "scale.json"))
     args = ap.parse_args()
     from tqdm import tqdm
@@ -386,7 +410,7 @@ def main():
         rounds = math.ceil(args.calls / (n - 1))
         timeout = args.timeout or 60.0 + 2.0 * n
         bar.set_description(f"{name} N={n}")
-        res = run_world(name, n, rounds, timeout, progress=lambda s: bar.set_postfix_str(s))
+        res = run_world(name, n, rounds, timeout, args.min_free_mib, progress=lambda s: bar.set_postfix_str(s))
         results[name][n] = res
         if "error" in res:
             tqdm.write(f"{name} N={n} failed: {res['error']}", file=sys.stderr)
