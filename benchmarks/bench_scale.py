@@ -255,8 +255,11 @@ def run_world(name, world_size, rounds, timeout, min_free_mib, progress=None) ->
     finally:
         _kill_all(procs, grace=10 if len(results) == world_size else 2)
     if errors:
-        rank = min(errors)
-        return {"error": f"{len(errors)} worker(s) failed; w{rank}:\n{errors[rank]}"}
+        # The first worker that failed for a reason of its own: the others
+        # then fail at the barrier it broke.
+        own = [r for r in errors if not errors[r].startswith("BrokenBarrierError")]
+        rank = own[0] if own else next(iter(errors))
+        return {"error": f"{len(errors)} worker(s) failed; w{rank} first:\n{errors[rank]}"}
     if len(results) < world_size:
         silent = sorted(set(range(world_size)) - set(results))
         return {"error": f"timed out after {timeout:.0f} s: {len(silent)} worker(s) never "
