@@ -260,20 +260,28 @@ FuturePtr Agent::send(int64_t to, Message&& request, double timeoutSeconds, cons
     conn->send(request);
     count(to, request, true);
   } catch (const RpcError& e) {
-    if (conn && e.kind() == ErrorKind::kPeerLost) {
-      // A connection that broke under us is forgotten; the next call redials.
-      std::lock_guard<std::mutex> g(connMu_);
-      auto it = outgoing_.find(to);
-      if (it != outgoing_.end() && it->second == conn) outgoing_.erase(it);
-    }
     std::unique_lock<std::mutex> g(mu_);
     auto it = pending_.find(id);
-    if (it == pending_.end()) return future;  // already failed by onClosed
-    if (it->second.timeoutSeconds > 0) deadlines_.erase(it->second.deadline);
-    Pending p = std::move(it->second);
-    pending_.erase(it);
-    if (pending_.empty()) idleCv_.notify_all();
+    const bool failed = it == pending_.end();  // already, by onClosed
+    Pending p;
+    if (!failed) {
+      if (it->second.timeoutSeconds > 0) deadlines_.erase(it->second.deadline);
+      p = std::move(it->second);
+      pending_.erase(it);
+      if (pending_.empty()) idleCv_.notify_all();
+    }
     g.unlock();
+    if (conn && e.kind() == ErrorKind::kPeerLost) {
+      // The connection broke under us, maybe before its transport reported
+      // it: closed here as that report would close it (the peer is judged
+      // lost, every other call waiting on it fails now). The report, when
+      // it comes, no longer finds the connection ours; forgetting it without
+      // failing those calls left them waiting for their timeouts, or for
+      // ever without one, and graceful shutdowns waiting for them.
+      std::string why = e.what();
+      onClosed(conn, CloseReason::kBroken, why.rfind("torchrpc: ", 0) == 0 ? why.substr(10) : why);
+    }
+    if (failed) return future;
     ErrorKind kind = e.kind();
     settled(p, &kind);
     if (e.kind() == ErrorKind::kPeerLost || e.kind() == ErrorKind::kAuth || e.kind() == ErrorKind::kShutdown) {
