@@ -30,12 +30,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import warnings
+from datetime import timedelta
 
 import pytest
 import torch
-from rpc_harness import free_port
+from rpc_harness import free_port, report_from_child, spawn_and_collect
 from worlds import World, future_outcome, hard_timeout
 
 import scripted_ops
@@ -103,6 +105,7 @@ def _shutdown_measured(raise_on_lost_peers):
         except Exception as e:
             out["error"] = (type(e).__name__, str(e))
     out["seconds"] = time.monotonic() - t0
+    out["ended_at"] = time.monotonic()
     out["warnings"] = [(w.category.__name__, str(w.message)) for w in caught]
     return out
 
@@ -253,6 +256,192 @@ def test_worker_raising_after_init_does_not_hold_up_shutdown():
         for r, out in zip((0, 1), world.recv_all((0, 1), 3 * SHUTDOWN_TIMEOUT + 5)):
             assert out["seconds"] < LOST_WITHIN, f"w{r}'s shutdown took {out['seconds']:.2f} s"
             assert out["error"] is None, f"w{r}'s shutdown raised {out['error']}"
+
+
+# -- the store host (rank 0) lost -------------------------------------------------------
+# Rank 0 hosts the rendezvous store. When it dies without shutdown(), the
+# store goes with it: the survivors' graceful shutdown must treat that as one
+# more sign of a lost peer (warn or RpcShutdownError naming w0, within
+# peer_timeout), never as a timeout, and never wait for calls that can no
+# longer be answered.
+
+
+class AddOne(torch.nn.Module):
+    def forward(self, x):
+        return x + 1
+
+
+_held = []
+
+
+def cmd_hold_refs_and_ship_code():
+    """On w0: RRefs owned by w1 and w2, and a ScriptModule shipped by value
+    to w1 (accept_code) with a remote() of it there."""
+    module = torch.jit.script(AddOne())
+    assert torchrpc.rpc_sync("w1", module, (torch.ones(2),)).tolist() == [2.0, 2.0]
+    _held.append(torchrpc.remote("w1", module, (torch.ones(2),)))
+    for peer in ("w1", "w2"):
+        _held.append(torchrpc.remote(peer, torch.add, (torch.ones(2), 1)))
+    return [r.to_here().tolist() for r in _held]
+
+
+def cmd_calls_to_the_host(marker_dir):
+    """Slow calls to w0 without a timeout; returns the paths their start markers get."""
+    me = torchrpc.get_worker_info().name
+    paths = []
+    for i in range(2):
+        path = os.path.join(marker_dir, f"{me}-{i}")
+        _pending.append(torchrpc.rpc_async("w0", udf_sleep, (path, 60.0), timeout=0))
+        paths.append(path)
+    return paths
+
+
+def cmd_keep_calling_the_host():
+    """A thread that keeps calling w0 (without a timeout) until a call
+    fails: one of these sends may meet the connection as it breaks."""
+
+    def keep_calling():
+        while True:
+            try:
+                fut = torchrpc.rpc_async("w0", scripted_ops.sleep_ms, (60000,), timeout=0)
+            except Exception:
+                return
+            _pending.append(fut)
+            if fut.done():
+                return
+            time.sleep(0.002)
+
+    threading.Thread(target=keep_calling, daemon=True).start()
+
+
+def die_now():
+    os._exit(0)
+
+
+def _store_host_dies(transport, tmp_path, how, held=False, calls=False):
+    """w0 (the store host) does what `held`/`calls` say, then dies (`how`:
+    "exit" is os._exit, "kill" SIGKILL, "kill_in_shutdown" SIGKILL once w1
+    and w2 wait in their graceful shutdown). Returns what w1 (default
+    shutdown: warns) and w2 (raise_on_lost_peers=True) saw, and when w0 died."""
+    options = {"python_udf": True, "peer_timeout": PEER_TIMEOUT,
+               "heartbeat_interval": HEARTBEAT_INTERVAL, "shutdown_timeout": SHUTDOWN_TIMEOUT}
+    per_rank = [options, {**options, "accept_code": True}, options]
+    with World(3, options=per_rank, transport=transport) as world:
+        if held:
+            assert world.do(0, cmd_hold_refs_and_ship_code) == [[2.0, 2.0]] * 3
+        if calls:
+            markers = world.do(1, cmd_calls_to_the_host, str(tmp_path))
+            markers += world.do(2, cmd_calls_to_the_host, str(tmp_path))
+            deadline = time.monotonic() + 10
+            while not all(os.path.exists(m) for m in markers):
+                assert time.monotonic() < deadline, "the slow calls never started on w0"
+                time.sleep(0.02)
+            world.do(1, cmd_keep_calling_the_host)
+            world.do(2, cmd_keep_calling_the_host)
+            time.sleep(0.2)
+        wait = LOST_WITHIN + 1.0
+        if how == "kill_in_shutdown":
+            world.send(1, cmd_shutdown, False)
+            world.send(2, cmd_shutdown, True)
+            time.sleep(0.5)  # both wait for w0 at the shutdown barrier
+        died_at = time.monotonic()
+        if how == "exit":
+            world.send(0, die_now)
+        else:
+            os.kill(world.pid(0), signal.SIGKILL)
+        if how != "kill_in_shutdown":
+            world.send(1, cmd_await_pending_then_shutdown, wait, False)
+            world.send(2, cmd_await_pending_then_shutdown, wait, True)
+        w1, w2 = world.recv_all((1, 2), wait + 2 * SHUTDOWN_TIMEOUT + 5)
+    return w1, w2, died_at
+
+
+def _check_store_host_lost(w1, w2, died_at):
+    shutdowns = []
+    for name, out in (("w1", w1), ("w2", w2)):
+        for kind, message, done_at, _ in out.get("outcomes", []):
+            assert kind == "PeerLostError", f"{name}'s call to w0 ended as {kind}: {message}"
+            took = done_at - died_at
+            assert took < LOST_WITHIN, f"{name}'s call failed {took:.2f} s after w0 died"
+        shutdown = out["shutdown"] if "outcomes" in out else out
+        assert shutdown is not None, f"{name} still had calls to w0 pending: {out['outcomes']}"
+        took = shutdown["ended_at"] - died_at
+        assert took < LOST_WITHIN, f"{name}'s shutdown ended {took:.2f} s after w0 died: {shutdown}"
+        shutdowns.append(shutdown)
+    s1, s2 = shutdowns
+    assert s1["error"] is None, f"w1's shutdown raised {s1['error']}"
+    warned = [msg for cat, msg in s1["warnings"] if cat == "RuntimeWarning" and "lost peers" in msg]
+    assert any("'w0'" in msg for msg in warned), f"w1 did not warn of losing w0: {s1['warnings']}"
+    assert s2["error"] is not None and s2["error"][0] == "RpcShutdownError", s2
+    assert "'w0'" in s2["error"][1], s2["error"]
+
+
+@pytest.mark.parametrize("how,held,calls", [
+    ("exit", False, False),
+    ("exit", True, False),
+    ("kill", True, True),
+    ("kill_in_shutdown", True, False),
+], ids=["exit", "exit_holding_rrefs_and_shipped_code", "sigkill_with_pending_calls",
+        "sigkill_during_shutdown"])
+@hard_timeout(45)
+def test_store_host_lost_is_a_lost_peer_not_a_timeout(transport, tmp_path, how, held, calls):
+    _check_store_host_lost(*_store_host_dies(transport, tmp_path, how, held, calls))
+
+
+def _outside_store_child(rank, port, queue):
+    """A worker whose store is hosted by someone else (as torchrun's agent
+    does): it marks itself ready, waits until that store is gone, then shuts
+    down gracefully."""
+
+    def run():
+        os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "True"
+        torchrpc.init_rpc(f"w{rank}", rank=rank, world_size=2,
+                          init_method=f"tcp://127.0.0.1:{port}",
+                          options=torchrpc.RpcOptions(peer_timeout=PEER_TIMEOUT,
+                                                      shutdown_timeout=SHUTDOWN_TIMEOUT))
+        store = torchrpc.api._current().store
+        store.set(f"ready/{rank}", "1")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                store.check(["ready/0"])
+            except Exception:
+                break
+            time.sleep(0.05)
+        return _shutdown_measured(False)
+
+    report_from_child(rank, queue, run)
+
+
+@hard_timeout(45)
+def test_store_gone_while_every_worker_lives_is_an_error_of_its_own():
+    port = free_port()
+    hosting = [torch.distributed.TCPStore("127.0.0.1", port, 3, True, timedelta(seconds=20),
+                                          wait_for_workers=False)]
+    closed_at = []
+
+    def close_when_ready():
+        store = hosting.pop()
+        store.wait(["torchrpc/current"])
+        prefix = "torchrpc/" + store.get("torchrpc/current").decode()
+        store.wait([f"{prefix}/ready/0", f"{prefix}/ready/1"])
+        del store  # its last holder: the server goes
+        closed_at.append(time.monotonic())
+
+    closer = threading.Thread(target=close_when_ready, daemon=True)
+    closer.start()
+    results = spawn_and_collect(_outside_store_child, lambda r: (r, port), 2, timeout=30)
+    closer.join(timeout=5)
+    assert closed_at, "the workers never got ready"
+    # The first to give up raises; a worker that then sees it leave has no
+    # one left to wait for, and is done.
+    errors = [out["error"] for out in results if out["error"] is not None]
+    assert errors, results
+    for error in errors:
+        assert error[0] == "RpcError" and "store stopped answering" in error[1], error
+    for rank, out in enumerate(results):
+        took = out["ended_at"] - closed_at[0]
+        assert took < LOST_WITHIN + 1.0, f"w{rank}'s shutdown ended {took:.2f} s after the store"
 
 
 # -- rendezvous that never completes ----------------------------------------------------

@@ -343,7 +343,9 @@ def shutdown(graceful: bool = True, timeout: Optional[float] = None,
     0: no limit, as in torch) it closes anyway and raises RpcTimeoutError.
     Workers found lost (dead, frozen, unreachable: see peer_timeout) are not
     waited for; they are named in a RuntimeWarning, or in an RpcShutdownError
-    with raise_on_lost_peers=True.
+    with raise_on_lost_peers=True. The rendezvous store going away with its
+    host (rank 0) is that worker lost, not a timeout; a store gone while every
+    worker lives raises RpcError within about peer_timeout.
     """
     with _lock:
         state = _handle._state
@@ -362,8 +364,12 @@ def shutdown(graceful: bool = True, timeout: Optional[float] = None,
     ok = True
     leaks = None
     gone = lambda: set(agent.lost_peers()) | set(agent.left_peers())  # noqa: E731
+    # A dead worker is found lost within peer_timeout (probed, or silent).
+    lost_within = state.options.peer_timeout + 1.0
     lost = {}
     missing = set(range(n)) - {rank}  # workers not known to have finished
+    store_lost = None  # why the rendezvous store stopped answering, if it did
+    store_failed = None  # ... and no lost worker explains it
     try:
         if graceful:
             # Still serving (Python callables and RRef forks need _state) until
@@ -371,11 +377,14 @@ def shutdown(graceful: bool = True, timeout: Optional[float] = None,
             # deletes now, and the wait covers their acknowledgements.
             gc.collect()
             ok = agent.wait_until_idle(timeout)
-            missing = set()
-            ok = rendezvous.barrier(
+            first = rendezvous.barrier(
                 state.store, "torchrpc/shutdown/1", rank, n, left(), gone=gone,
-                probe=agent.probe_peers, missing=missing,
-            ) and ok
+                lost=lambda: set(agent.lost_peers()), probe=agent.probe_peers,
+                lost_within=lost_within,
+            )
+            missing, store_lost = first.missing, first.store_lost
+            store_failed = None if first.done else store_lost
+            ok = first.done and ok
             leaks = _rref_leaks(state) if ok else None
     finally:
         gone_before = gone()
@@ -388,12 +397,12 @@ def shutdown(graceful: bool = True, timeout: Optional[float] = None,
             server.close()
         _C.set_current_agent(None)
         agent.shutdown()
-    if graceful:
+    if graceful and store_lost is None:
         # Rank 0 hosts the store: it leaves only after every live worker has
         # left the first barrier, so none of them loses the store mid-wait.
         rendezvous.barrier(
             state.store, "torchrpc/shutdown/2", rank, n, left(), wait=rank == 0,
-            gone=lambda: gone_before,
+            gone=lambda: gone_before, lost_within=lost_within,
         )
     if lost:
         names = ", ".join(
@@ -403,6 +412,12 @@ def shutdown(graceful: bool = True, timeout: Optional[float] = None,
         if raise_on_lost_peers:
             raise RpcShutdownError(message)
         warnings.warn(message, RuntimeWarning, stacklevel=2)
+    if store_failed is not None:
+        raise RpcError(
+            f"torchrpc: graceful shutdown of worker {state.self_info.name!r} could not wait for "
+            f"the other workers: the rendezvous store stopped answering ({store_failed}) while "
+            f"every worker still looked alive; closed anyway"
+        )
     if not ok:
         raise RpcTimeoutError(
             f"torchrpc: graceful shutdown timed out after {timeout} s "

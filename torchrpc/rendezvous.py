@@ -1,16 +1,19 @@
 """Finding the other workers: each publishes its name and listen address in
 c10d's TCPStore (hosted by rank 0) and reads everyone else's."""
 
+import dataclasses
 import json
 import os
 import re
+import secrets
 import socket
 import time
 from datetime import timedelta
-from typing import Callable, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Set, Tuple
 from urllib.parse import urlparse
 
-from torch.distributed import TCPStore
+import torch.distributed as dist
+from torch.distributed import PrefixStore, Store, TCPStore
 
 from torchrpc.errors import InvalidWorkerError, RpcError, RpcTimeoutError
 
@@ -64,25 +67,117 @@ def check_name(name: str):
         )
 
 
-def open_store(host: str, port: int, rank: int, world_size: int, deadline: float) -> TCPStore:
-    """The rendezvous store: hosted here on rank 0, else reached by
-    `deadline` (time.monotonic()) or RpcTimeoutError."""
-    # Under torchrun the elastic agent already hosts a store on MASTER_PORT.
-    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    is_host = rank == 0 and not agent_hosts
-    if not is_host:
-        _wait_reachable(host, port, deadline)
-    left = max(deadline - time.monotonic(), 0.1)
+def open_store(host: str, port: int, rank: int, world_size: int, deadline: float) -> Store:
+    """The rendezvous store at host:port, reached by `deadline`
+    (time.monotonic()) or RpcTimeoutError, with this init_rpc's keys under a
+    prefix of their own (see _join).
+
+    - If a default process group (init_process_group) keeps its store at
+      host:port, that store: through a connection of torchrpc's own (so
+      torchrpc's timeouts never change the group's), holding the group's
+      store so that destroy_process_group() before torchrpc.shutdown() does
+      not take the server from under torchrpc's shutdown.
+    - Else rank 0 hosts the store, multi-tenant: init_process_group(
+      init_method="env://") on the same port later in this process shares
+      its server (c10d's env:// and tcp:// stores are multi-tenant too), and
+      the server lives as long as either of them uses it. The other ranks
+      connect to it. Under torchrun the elastic agent hosts it instead.
+    """
+    shared = _process_group_store(host, port)
+    if shared is not None:
+        try:
+            connection = shared.clone()
+        except Exception as e:
+            raise RpcTimeoutError(
+                f"torchrpc: rendezvous: cannot reach the process group's store at "
+                f"{host}:{port}: {e}"
+            ) from e
+        keep = shared
+    else:
+        # Under torchrun the elastic agent already hosts a store on MASTER_PORT.
+        agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        is_host = rank == 0 and not agent_hosts
+        if not is_host:
+            _wait_reachable(host, port, deadline)
+        left = timedelta(seconds=max(deadline - time.monotonic(), 0.1))
+        try:
+            connection = TCPStore(
+                host, port, world_size, is_host, left, wait_for_workers=False, multi_tenant=True,
+            )
+        except Exception as e:
+            if is_host:
+                raise RpcError(
+                    f"torchrpc: rank 0 cannot host the rendezvous store on port {port}: {e}"
+                ) from e
+            raise RpcTimeoutError(
+                f"torchrpc: rendezvous: cannot use the store at {host}:{port} "
+                f"(hosted by rank 0): {e}"
+            ) from e
+        keep = None
+    return _join(connection, keep, (host, port), rank, deadline)
+
+
+def _process_group_store(host: str, port: int) -> Optional[TCPStore]:
+    """The TCPStore under the default process group's store, if it serves
+    host:port; else None."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    store = dist.distributed_c10d._get_default_store()
+    while isinstance(store, PrefixStore):
+        store = store.underlying_store
+    if not isinstance(store, TCPStore) or store.port != port:
+        return None
+    return store if _same_host(store.host, host) else None
+
+
+def _same_host(a: str, b: str) -> bool:
+    if a == b:
+        return True
     try:
-        return TCPStore(
-            host, port, world_size, is_host, timedelta(seconds=left), wait_for_workers=False,
-        )
+        return socket.gethostbyname(a) == socket.gethostbyname(b)
+    except OSError:
+        return False
+
+
+class _JoinedStore(PrefixStore):
+    """The store under this init_rpc's prefix; keeps `keep` (the process
+    group's store, whose server it needs) alive as long as torchrpc uses it."""
+
+    def __init__(self, prefix: str, connection: Store, keep: Optional[Store]):
+        super().__init__(prefix, connection)
+        self._keep = keep
+
+
+# (host, port) -> the last rendezvous this process joined there. A store
+# can outlive a torchrpc world (a process group shares it, or rank 0's
+# server is still held), so each init_rpc works under a fresh prefix drawn
+# by rank 0; the others wait for one they have not used yet.
+_last_joined: Dict[Tuple[str, int], str] = {}
+_CURRENT_KEY = "torchrpc/current"
+
+
+def _join(connection: Store, keep: Optional[Store], address, rank: int, deadline: float) -> Store:
+    left = lambda: timedelta(seconds=max(deadline - time.monotonic(), 0.1))  # noqa: E731
+    connection.set_timeout(left())  # no request to the store outlives init_timeout
+    try:
+        if rank == 0:
+            current = secrets.token_hex(8)
+            connection.set(_CURRENT_KEY, current)
+        else:
+            connection.wait([_CURRENT_KEY], left())
+            current = connection.get(_CURRENT_KEY).decode()
+            while current == _last_joined.get(address):
+                if time.monotonic() >= deadline:
+                    raise TimeoutError("rank 0 never started a new rendezvous")
+                time.sleep(0.02)
+                current = connection.get(_CURRENT_KEY).decode()
     except Exception as e:
-        if is_host:
-            raise RpcError(f"torchrpc: rank 0 cannot host the rendezvous store on port {port}: {e}") from e
         raise RpcTimeoutError(
-            f"torchrpc: rendezvous: cannot use the store at {host}:{port} (hosted by rank 0): {e}"
-        ) from e
+            f"torchrpc: rendezvous timed out: rank 0 did not start a rendezvous at "
+            f"{address[0]}:{address[1]} ({e})"
+        ) from None
+    _last_joined[address] = current
+    return _JoinedStore(f"torchrpc/{current}", connection, keep)
 
 
 def _wait_reachable(host: str, port: int, deadline: float):
@@ -160,46 +255,71 @@ def _duplicate_name(infos: List[dict]) -> Optional[str]:
     return None
 
 
-def barrier(store, key: str, rank: int, world_size: int, timeout: float, wait: bool = True,
-            gone: Callable[[], Set[int]] = set, probe: Optional[Callable[[], None]] = None,
-            missing: Optional[Set[int]] = None) -> bool:
-    """Counts this worker in at `key` and, if `wait`, waits for every other
-    worker to count in or be `gone()` (lost or shut down: a dead worker must
-    not hold the others up). `probe` is called now and then, so that workers
-    we never talked to are checked too.
+@dataclasses.dataclass
+class BarrierResult:
+    """How a barrier ended. done: every other worker counted in or is gone
+    (lost or left). missing: the workers that never counted in. store_lost:
+    why the store stopped answering, if it did."""
 
-    Returns False if the timeout passed first, or the store went away while
-    every worker still looked alive. `missing`, if given, receives the ranks
-    that never counted in.
+    done: bool
+    missing: Set[int]
+    store_lost: Optional[str] = None
+
+
+def barrier(store, key: str, rank: int, world_size: int, timeout: float, wait: bool = True,
+            gone: Callable[[], Set[int]] = set, lost: Callable[[], Set[int]] = set,
+            probe: Optional[Callable[[], None]] = None, lost_within: float = 5.0) -> BarrierResult:
+    """Counts this worker in at `key` and, if `wait`, waits (at most
+    `timeout` s) for every other worker to count in or be `gone()` (lost or
+    shut down: a dead worker must not hold the others up). `probe` is called
+    now and then, so that workers we never talked to are checked too.
+
+    A store that stops answering went away with the worker hosting it (rank
+    0): who else counted in can no longer be known, so the wait ends as soon
+    as a worker that never counted in is found `lost()` (not just left),
+    which `probe` tells within the peer timeout. If none is within
+    `lost_within` s, every worker still lives and the store failed on its
+    own: the barrier is not done, and waiting longer would not mend it.
     """
-    if missing is None:
-        missing = set()
     deadline = time.monotonic() + timeout
     waiting = set(range(world_size)) - {rank}
+    missing: Set[int] = set()
+    store_lost: Optional[str] = None
+    give_up_at = deadline
+
+    def ask(request, otherwise):
+        nonlocal store_lost, give_up_at
+        if store_lost is not None:
+            return otherwise
+        try:
+            return request()
+        except Exception as e:
+            store_lost = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            give_up_at = min(deadline, time.monotonic() + lost_within)
+            return otherwise
+
+    # A store whose host is frozen must fail fast, not block for init_timeout.
+    ask(lambda: store.set_timeout(timedelta(seconds=max(0.5, min(timeout, 5.0)))), None)
+    ask(lambda: store.set(f"{key}/{rank}", "1"), None)
+    count = ask(lambda: store.add(key, 1), 0)
+    if not wait:
+        return BarrierResult(store_lost is None, set(), store_lost)
     next_probe = 0.0
-    try:
-        # A store whose host died must fail fast, not retry for init_timeout.
-        store.set_timeout(timedelta(seconds=max(0.5, min(timeout, 5.0))))
-        store.set(f"{key}/{rank}", "1")
-        count = store.add(key, 1)
-        while wait and waiting and time.monotonic() < deadline:
-            if count >= world_size:
-                waiting = set()
-                break
-            waiting = {r for r in waiting if not store.check([f"{key}/{r}"])}
-            dead = waiting & gone()
-            missing.update(dead)
-            waiting -= dead
-            if waiting and probe is not None and time.monotonic() >= next_probe:
-                probe()
-                next_probe = time.monotonic() + 0.5
-            if waiting:
-                time.sleep(0.01)
-                count = store.add(key, 0)
-    except Exception:
-        missing.update(waiting)
-        return bool(gone())
-    if wait and waiting and count < world_size:
-        missing.update(waiting)
-        return False
-    return True
+    while waiting and count < world_size:
+        waiting -= ask(lambda w=waiting: {r for r in w if store.check([f"{key}/{r}"])}, set())
+        dead = waiting & gone()
+        missing |= dead
+        waiting -= dead
+        if store_lost is not None and (missing | waiting) & lost():
+            break  # the store went with a worker that never counted in
+        if not waiting or time.monotonic() >= give_up_at:
+            break
+        if probe is not None and time.monotonic() >= next_probe:
+            probe()
+            next_probe = time.monotonic() + 0.5
+        time.sleep(0.01)
+        count = ask(lambda: store.add(key, 0), count)
+    if count >= world_size:
+        waiting = set()
+    done = not waiting or (store_lost is not None and bool((missing | waiting) & lost()))
+    return BarrierResult(done, missing | waiting, store_lost)
